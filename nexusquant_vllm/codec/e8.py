@@ -147,25 +147,60 @@ def _signed_index(
     return pattern + sign_bits.sum(-1) + (shift_bit << 15)
 
 
-def _e8p_encode_bounded(x: torch.Tensor) -> torch.Tensor:
-    """Certified top-k search (see the module docstring) -> int64 index ``[n]``."""
+def _smallest(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``topk(k, largest=False)`` over rows of 512, via the k blocks of 8 with the smallest minima (5x faster on
+    CPU). Exact: each of the k smallest values lies in a block whose minimum is among the k smallest minima."""
+    blocks = values.view(values.shape[0], -1, 8)
+    _, block = blocks.amin(-1).topk(k, -1, largest=False)
+    column = (block[..., None] * 8 + torch.arange(8, device=values.device)).flatten(1)  # [n, 8k]
+    smallest, pick = values.gather(1, column).topk(k, -1, largest=False)
+    return smallest, column.gather(1, pick)
+
+
+def _bounded_candidates(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``_TOP_K`` (shift, pattern) classes with the lowest distance bounds, each with its best signs.
+
+    Returns (int64 indices ``[n, k]``, their exact squared distances ``[n, k]``, the (k+1)-th bound ``[n]``).
+    """
     patterns, parity = e8p_patterns().to(x.device), e8p_pattern_parity().to(x.device)
     shifts = torch.tensor([0.25, -0.25], device=x.device)
     abs_t = (x[:, None, :] - shifts[:, None]).abs()  # [n, 2, 8]
     bound = (abs_t * abs_t).sum(-1, keepdim=True) + (patterns * patterns).sum(-1) - 2 * abs_t @ patterns.T
-    bounds, candidate = bound.flatten(1).topk(_TOP_K + 1, -1, largest=False)
+    bounds, candidate = _smallest(bound.flatten(1), _TOP_K + 1)
     shift_bit, pattern = candidate[:, :_TOP_K] // 256, candidate[:, :_TOP_K] % 256
     t = x[:, None, :] - shifts[shift_bit][..., None]  # [n, k, 8]
     weighted = t.abs() * patterns[pattern]
     wrong = ((t < 0).sum(-1) % 2) != parity[pattern]
     flip_cost, flip_at = weighted.min(-1)
-    best, j = (bounds[:, :_TOP_K] + 4 * flip_cost * wrong).min(-1)
-    rows = torch.arange(x.shape[0], device=x.device)
-    index = _signed_index(t[rows, j], pattern[rows, j], shift_bit[rows, j], flip_at[rows, j], wrong[rows, j])
-    uncertified = (bounds[:, _TOP_K] < best).nonzero().squeeze(-1)
+    dist = bounds[:, :_TOP_K] + 4 * flip_cost * wrong
+    index = _signed_index(t.flatten(0, 1), pattern.flatten(), shift_bit.flatten(), flip_at.flatten(), wrong.flatten())
+    return index.view_as(pattern), dist, bounds[:, _TOP_K]
+
+
+def _e8p_encode_bounded(x: torch.Tensor) -> torch.Tensor:
+    """Certified top-k search (see the module docstring) -> int64 index ``[n]``."""
+    index, dist, next_bound = _bounded_candidates(x)
+    best, j = dist.min(-1)
+    index = index.gather(-1, j[:, None]).squeeze(-1)
+    uncertified = (next_bound < best).nonzero().squeeze(-1)
     if uncertified.numel():
         index[uncertified] = e8p_encode_exhaustive(x[uncertified]).long()
     return index
+
+
+def e8p_candidates(x: torch.Tensor, beam: int) -> torch.Tensor:
+    """``beam`` good E8P codewords per row of ``x`` ``[n, 8]``, nearest first -> int64 ``[n, beam]``.
+
+    The first is the exact nearest point; the others are the best-signed codewords of the next (shift, pattern)
+    classes by distance, the candidates a residual stage searches jointly with (a beam search).
+    """
+    index, dist, next_bound = _bounded_candidates(x)
+    dist, order = dist.sort(-1)
+    beam_index = index.gather(-1, order[:, :beam])
+    uncertified = (next_bound < dist[:, 0]).nonzero().squeeze(-1)
+    if uncertified.numel():
+        beam_index[uncertified, 0] = e8p_encode_exhaustive(x[uncertified]).long()
+    return beam_index
 
 
 def e8p_encode_exhaustive(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,232 @@
+"""GPU benchmark of the Triton kernels at Llama-3-8B shapes (32 query heads, 8 KV heads, head_dim 128), one layer.
+
+    python benchmarks/kernels_gpu.py                 # full sweep on a CUDA GPU -> benchmarks/results/kernels_gpu.*
+    python benchmarks/kernels_gpu.py --dry-run       # tiny smoke run on the CPU under TRITON_INTERPRET=1
+
+Decode attention, batch 1/8/32 x context 1K..128K, for each e8 dtype, for the bf16 paged kernel of the same
+structure (``decode_attention(fmt=None)``), and for torch SDPA over contiguous bf16 K/V (a sanity floor). Reported:
+time per call, bytes the kernel must read (pages + block table), achieved bandwidth and its fraction of the
+device's measured copy bandwidth. Then the store (encode + scatter of a 4K-token prefill's K/V) against a proxy of
+one layer's prefill (its bf16 GEMMs + causal SDPA). Imports only torch, triton, matplotlib (optional) and this
+package's kernels and codec: the GPU machine has no vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+HQ, HK, D, PAGE = 32, 8, 128, 16  # Llama-3-8B attention shapes, vLLM's default page
+HIDDEN, FFN = 4096, 14336
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--context", type=int, nargs="+", default=[1024 << i for i in range(8)])  # 1K .. 128K
+    p.add_argument("--dtypes", nargs="+", default=["e8-k3v2", "e8-k2v2"])
+    p.add_argument("--max-gib", type=float, default=24.0, help="skip cases whose bf16 cache exceeds this")
+    p.add_argument("--prefill-tokens", type=int, default=4096)
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / "kernels_gpu")
+    p.add_argument("--dry-run", action="store_true", help="tiny case on the CPU under TRITON_INTERPRET=1")
+    return p.parse_args(argv)
+
+
+def random_e8_cache(fmt, num_blocks: int, device: str) -> torch.Tensor:
+    """Random codes (every index is a valid codeword) with fp16 scales of 1: same bytes read as a real cache."""
+    cache = torch.randint(0, 256, (num_blocks, HK, PAGE, fmt.slot_bytes), dtype=torch.uint8, device=device)
+    ones = torch.ones(2, dtype=torch.float16).view(torch.uint8)  # K and V scale bytes
+    cache[..., fmt.k_scale_offset:] = ones.to(device)
+    return cache
+
+
+def bench(fn, device: str) -> float:
+    """Median milliseconds of ``fn`` (triton.testing.do_bench on a GPU; one timed call in a dry run)."""
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+    fn()
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def copy_bandwidth(device: str) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (read + write)."""
+    if device != "cuda":
+        return float("nan")
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), device)
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def max_rel_error(dtypes: list[str], device: str) -> dict[str, float]:
+    """Kernel vs torch reference on a real encoded cache (batch 2, 1K context, or 64 in a dry run), per dtype."""
+    from nexusquant_vllm.codec import encode_kv, get_format
+    from nexusquant_vllm.kernels import decode_attention, paged_decode_attention_ref
+
+    ctx = 1024 if device == "cuda" else 64
+    blocks = ctx // PAGE
+    table = (torch.randperm(2 * blocks) + 1).view(2, blocks).int()
+    lens = torch.tensor([ctx, ctx - 7], dtype=torch.int32)
+    q = torch.randn(2, HQ, D)
+    errors = {}
+    for name in ["bf16", *dtypes]:
+        fmt = None if name == "bf16" else get_format(name, D)
+        k, v = torch.randn(2, 2 * blocks + 1, PAGE, HK, D)
+        cache = (encode_kv(k, v, fmt) if fmt else torch.cat([k, v], -1).bfloat16()).transpose(1, 2).contiguous()
+        ref = paged_decode_attention_ref(q, cache, table, lens, D**-0.5, fmt)
+        out = decode_attention(q.to(device), cache.to(device), table.to(device), lens.to(device), D**-0.5, fmt)
+        errors[name] = float((out.cpu() - ref).abs().max() / ref.abs().max())
+    print("max relative error vs torch reference:", errors)
+    return errors
+
+
+def decode_cases(args, device: str, copy_bw: float) -> list[dict]:
+    from nexusquant_vllm.codec import get_format
+    from nexusquant_vllm.kernels import decode_attention
+
+    rows = []
+    for batch in args.batch:
+        for ctx in args.context:
+            bf16_gib = batch * ctx * HK * 2 * D * 2 / 2**30
+            if bf16_gib > args.max_gib:
+                print(f"skip batch {batch} context {ctx}: bf16 cache {bf16_gib:.1f} GiB > --max-gib")
+                continue
+            blocks_per_seq = ctx // PAGE
+            num_blocks = batch * blocks_per_seq + 1  # block 0 is the null block
+            table = (torch.randperm(num_blocks - 1, device=device) + 1).view(batch, blocks_per_seq).int()
+            lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+            q = torch.randn(batch, HQ, D, device=device, dtype=torch.bfloat16)
+            table_bytes = table.numel() * 4
+            for name in args.dtypes:
+                fmt = get_format(name, D)
+                cache = random_e8_cache(fmt, num_blocks, device)
+                ms = bench(lambda: decode_attention(q, cache, table, lens, D**-0.5, fmt, max_seq_len=ctx), device)
+                nbytes = batch * ctx * HK * fmt.slot_bytes + table_bytes
+                rows.append(_row(name, batch, ctx, ms, nbytes, copy_bw))
+                del cache
+            kv = torch.randn(num_blocks, HK, PAGE, 2 * D, device=device, dtype=torch.bfloat16)
+            ms = bench(lambda: decode_attention(q, kv, table, lens, D**-0.5, None, max_seq_len=ctx), device)
+            rows.append(_row("bf16-paged", batch, ctx, ms, batch * ctx * HK * 4 * D + table_bytes, copy_bw))
+            del kv
+            k = torch.randn(batch, HK, ctx, D, device=device, dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            q4 = q[:, :, None]
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            ms = bench(lambda: sdpa(q4, k, v, enable_gqa=True), device)
+            rows.append(_row("bf16-sdpa-contiguous", batch, ctx, ms, 2 * k.numel() * 2, copy_bw))
+            del k, v
+            print(" | ".join(f"{r['kernel']} {r['ms']:.3f} ms" for r in rows[-len(args.dtypes) - 2:]), f"[b{batch} ctx{ctx}]")
+    return rows
+
+
+def _row(kernel: str, batch: int, ctx: int, ms: float, nbytes: int, copy_bw: float) -> dict:
+    bw = nbytes / (ms * 1e-3)
+    return dict(kernel=kernel, batch=batch, context=ctx, ms=ms, bytes=nbytes, gbps=bw / 1e9, frac_copy_bw=bw / copy_bw)
+
+
+def store_vs_prefill(args, device: str) -> list[dict]:
+    """Store of one layer's K/V for a prefill vs one layer's prefill proxy (GEMMs + causal SDPA), per dtype."""
+    from nexusquant_vllm.codec import get_format
+    from nexusquant_vllm.kernels import store_kv
+
+    n = args.prefill_tokens
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    hidden, ffn = args.hidden, args.ffn
+    x = torch.randn(n, hidden, device=device, dtype=dt)
+    weights = [torch.randn(hidden, o, device=device, dtype=dt) * 0.01 for o in (hidden + 2 * HK * D, hidden, 2 * ffn)]
+    w_down = torch.randn(ffn, hidden, device=device, dtype=dt) * 0.01
+    q = torch.randn(1, HQ, n, D, device=device, dtype=dt)
+    kv = torch.randn(1, HK, n, D, device=device, dtype=dt)
+
+    def prefill_layer():
+        for w in weights:
+            x @ w
+        torch.randn(n, ffn, device=device, dtype=dt) @ w_down
+        torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+
+    prefill_ms = bench(prefill_layer, device)
+    key, value = torch.randn(2, n, HK, D, device=device, dtype=dt)
+    slots = torch.randperm(n + PAGE, device=device)[:n]
+    rows = []
+    for name in args.dtypes:
+        fmt = get_format(name, D)
+        cache = torch.zeros((n + PAGE) // PAGE + 1, HK, PAGE, fmt.slot_bytes, dtype=torch.uint8, device=device)
+        ms = bench(lambda: store_kv(key, value, cache, slots, fmt), device)
+        rows.append(dict(dtype=name, tokens=n, store_ms=ms, prefill_layer_ms=prefill_ms, ratio=ms / prefill_ms))
+        print(f"store {name}: {ms:.3f} ms vs prefill layer {prefill_ms:.3f} ms ({100 * ms / prefill_ms:.1f}%)")
+    return rows
+
+
+def write_results(out: Path, result: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    lines = [f"# Decode attention, Llama-3-8B shapes, one layer ({result['device']})", "",
+             f"Copy bandwidth: {result['copy_gbps']:.0f} GB/s", "",
+             "| kernel | batch | context | ms | GB/s | of copy bw |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['kernel']} | {r['batch']} | {r['context']} | {r['ms']:.4f} | {r['gbps']:.0f} | {r['frac_copy_bw']:.2f} |"
+              for r in result["decode"]]
+    lines += ["", "| store dtype | tokens | store ms | prefill layer ms | ratio |", "|---|---|---|---|---|"]
+    lines += [f"| {r['dtype']} | {r['tokens']} | {r['store_ms']:.3f} | {r['prefill_layer_ms']:.3f} | {r['ratio']:.3f} |"
+              for r in result["store"]]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    _plot(out.with_suffix(".png"), result["decode"])
+
+
+def _plot(path: Path, rows: list[dict]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for kernel in sorted({r["kernel"] for r in rows}):
+            pts = sorted((r["context"], r["ms"]) for r in rows if r["batch"] == batch and r["kernel"] == kernel)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=kernel)
+        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per decode call", title=f"batch {batch}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.hidden, args.ffn = HIDDEN, FFN
+    if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
+        args.batch, args.context, args.prefill_tokens, args.hidden, args.ffn = [1], [64], 64, 256, 512
+        args.out = Path(tempfile.gettempdir()) / "kernels_gpu_dryrun"  # smoke numbers never land in results/
+        device = "cpu"
+    elif not torch.cuda.is_available():
+        print("kernels_gpu.py needs a CUDA GPU (none found); use --dry-run for a CPU smoke test.", file=sys.stderr)
+        return 2
+    else:
+        device = "cuda"
+    copy_bw = copy_bandwidth(device)
+    result = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu (TRITON_INTERPRET dry run)",
+                  copy_gbps=copy_bw / 1e9, max_rel_error_vs_reference=max_rel_error(args.dtypes, device), shapes=dict(q_heads=HQ, kv_heads=HK, head_dim=D, page=PAGE),
+                  decode=decode_cases(args, device, copy_bw), store=store_vs_prefill(args, device))
+    write_results(args.out, result)
+    print(f"wrote {args.out.with_suffix('.json')}, .md, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
