@@ -1,0 +1,103 @@
+"""What every benchmark shares: the model, the corpus as token chunks, Q/K/V as attention sees them, result files."""
+
+import functools
+import json
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from benchmarks.corpus import load_corpus_text
+from nexusquant_vllm.model_store import smollm2_path
+
+__all__ = ["QKV", "capture_qkv", "corpus_token_chunks", "load_corpus_text", "smollm2_path", "write_results"]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CAPTURE_ATTENTION = "nexusquant_capture"
+
+
+class QKV(NamedTuple):
+    """Per-layer attention inputs of one sequence; queries have the query heads, keys and values the KV heads."""
+
+    queries: torch.Tensor  # [layers, heads, tokens, head_dim], after RoPE
+    keys: torch.Tensor  # [layers, kv_heads, tokens, head_dim], after RoPE
+    values: torch.Tensor  # [layers, kv_heads, tokens, head_dim]
+
+
+def corpus_token_chunks(
+    tokenizer: PreTrainedTokenizerBase, n_chunks: int, chunk_len: int, seed: int
+) -> list[list[int]]:
+    """`n_chunks` non-overlapping windows of `chunk_len` token ids, drawn by `seed` from the tokenized corpus.
+
+    Windows are aligned to multiples of `chunk_len` in the token stream of the whole corpus, so two chunks never
+    share a token. No special tokens are added.
+    """
+    token_ids = tokenized_corpus(tokenizer)
+    n_windows = len(token_ids) // chunk_len
+    if n_chunks > n_windows:
+        raise ValueError(f"the corpus holds {n_windows} windows of {chunk_len} tokens; {n_chunks} were asked for")
+    starts = [window * chunk_len for window in random.Random(seed).sample(range(n_windows), n_chunks)]
+    return [token_ids[start : start + chunk_len].tolist() for start in starts]
+
+
+@functools.lru_cache(maxsize=2)
+def tokenized_corpus(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """The whole corpus as one token stream (about 1.1M tokens, seconds to tokenize, so it is cached; don't modify)."""
+    return torch.tensor(tokenizer.encode(load_corpus_text(), add_special_tokens=False))
+
+
+def capture_qkv(model_path: str, token_ids: Sequence[int], layers: Sequence[int] | None = None) -> QKV:
+    """Run the transformers model (float32, CPU) on one sequence and return the Q, K, V its attention received.
+
+    The model runs with an attention function that records its inputs and then does plain sdpa, so the tensors are
+    exactly those attention consumed: Q and K after RoPE, K and V before grouped-query heads are repeated.
+    `layers` picks and orders the returned layers; None returns all of them.
+    """
+    model = float32_model(model_path)
+    with torch.inference_mode():
+        model(torch.tensor([list(token_ids)]), use_cache=False)
+    captured = [vars(layer.self_attn).pop("captured_qkv") for layer in model.model.layers]
+    chosen = captured if layers is None else [captured[index] for index in layers]
+    return QKV(*(torch.stack([qkv[part][0] for qkv in chosen]) for part in range(3)))
+
+
+@functools.lru_cache(maxsize=1)
+def float32_model(model_path: str) -> PreTrainedModel:
+    """The model in float32 on the CPU, with the recording attention function, loaded once per path."""
+    AttentionInterface.register(CAPTURE_ATTENTION, recording_sdpa)
+    AttentionMaskInterface.register(CAPTURE_ATTENTION, sdpa_mask)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.float32, attn_implementation=CAPTURE_ATTENTION
+    )
+    return model.eval()
+
+
+def recording_sdpa(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs
+) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention, after keeping its inputs on the attention module as `captured_qkv`."""
+    module.captured_qkv = (query, key, value)
+    return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
+
+
+def write_results(name: str, payload: dict, markdown_table: str) -> tuple[Path, Path]:
+    """Write `results/<name>.json` and `results/<name>.md` beside this file, each replaced in one rename."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    json_path = RESULTS_DIR / f"{name}.json"
+    markdown_path = RESULTS_DIR / f"{name}.md"
+    replace_file(json_path, json.dumps(payload, indent=2) + "\n")
+    replace_file(markdown_path, markdown_table.rstrip("\n") + "\n")
+    return json_path, markdown_path
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write through `<path>.tmp` so a reader never sees half a file."""
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(text)
+    os.replace(staging, path)

