@@ -1,0 +1,285 @@
+"""The attention backend that serves every attention layer when an e8 KV-cache dtype is chosen.
+
+Two kinds of layer, one backend (one block table, so eviction holes can be masked everywhere):
+
+* **E8 layers** (``kv_cache_dtype`` = ``e8-*``): pages are packed uint8, ``[num_blocks, H_kv, block_size, slot]`` with
+  the codec's slot of ``fmt.slot_bytes`` bytes per token-head (declared through ``customize_spec``; no padding).
+  Keys and values are E8-coded on write (``do_kv_cache_update``) and dequantized, in the codec's rotated domain,
+  only for the blocks a request reads.
+* **Protected boundary layers** (``kv_cache_dtype`` = ``auto`` through ``kv_cache_dtype_skip_layers``): pages stay in
+  the model dtype, ``[num_blocks, H_kv, block_size, 2*head_dim]`` with one token-head's ``[K | V]`` per row.
+
+Attention (``paged_attention.attend``) always uses this step's own raw K/V for the tokens being computed (first
+prefill chunk, continuation chunk, decode token) and the pages only for the earlier, cached positions; positions in
+vLLM's null block (id 0) are masked with -inf.
+
+vLLM's ``customize_spec`` does not see the dtype string, so there is one backend class per dtype
+(``backend_for(name)``, e.g. ``E8_K3V2_Backend``); all of them answer to the enum name ``NEXUSQUANT``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionLayer,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+
+from nexusquant_vllm.vllm_glue import fast_decode
+from nexusquant_vllm.vllm_glue.dtypes import E8_DTYPES, backend_class_name, codec_for, get_format, is_served
+from nexusquant_vllm.vllm_glue.eviction import scores as eviction_scores
+from nexusquant_vllm.vllm_glue.paged_attention import RequestGroup, attend, plan_groups
+
+BACKEND_NAME = "NEXUSQUANT"
+SUPPORTED_MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class NexusQuantBackend(AttentionBackend):
+    """Base class; the per-dtype subclasses come from ``backend_for(name)``."""
+
+    e8_dtype: ClassVar[str] = ""
+    accept_output_buffer: bool = True
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = list(SUPPORTED_MODEL_DTYPES)
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16", *E8_DTYPES]  # + scalar-*
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type["NexusQuantImpl"]:
+        return NexusQuantImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["NexusQuantMetadataBuilder"]:
+        return NexusQuantMetadataBuilder
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """E8 layers (uint8 storage) get the codec's packed slot; boundary layers keep the dense default."""
+        if spec.dtype != torch.uint8 or spec.state_content_bytes is not None:
+            return spec
+        return replace(spec, state_content_bytes=get_format(cls.e8_dtype, spec.head_size).slot_bytes)
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # Any physical order works for the torch path (it indexes the logical [B, H, N, C] view); LBHNC is what
+        # the CPU platform uses.
+        return (KVCacheLayout.LBHNC, KVCacheLayout.LBNHC)
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        return head_size > 0 and head_size % 8 == 0
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+
+_BACKENDS: dict[str, type[NexusQuantBackend]] = {}
+
+
+def backend_for(dtype: str) -> type[NexusQuantBackend]:
+    """The backend class of one dtype, created on first use and kept as a module attribute (vLLM resolves it by
+    its dotted path, ``dtypes.backend_path(dtype)``)."""
+    if dtype not in _BACKENDS:
+        name = backend_class_name(dtype)
+        cls = type(name, (NexusQuantBackend,), {"e8_dtype": dtype, "__module__": __name__, "__qualname__": name})
+        _BACKENDS[dtype] = cls
+        globals()[name] = cls
+    return _BACKENDS[dtype]
+
+
+def __getattr__(name: str):
+    """``E8_K3V2_Backend`` etc. for vLLM's import-by-path, in any process (PEP 562)."""
+    from nexusquant_vllm.vllm_glue.dtypes import dtype_names
+
+    for dtype in dtype_names():
+        if backend_class_name(dtype) == name:
+            return backend_for(dtype)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+for _dtype in E8_DTYPES:
+    backend_for(_dtype)
+
+
+@dataclass
+class NexusQuantMetadata:
+    num_actual_tokens: int
+    groups: list[RequestGroup]
+
+
+class NexusQuantMetadataBuilder(AttentionMetadataBuilder[NexusQuantMetadata]):
+    """Per-step index tensors, built once and shared by every layer of the KV group."""
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.block_size = kv_cache_spec.block_size
+        self.device = device
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> NexusQuantMetadata:
+        cam = common_attn_metadata
+        seq_lens_cpu = cam.seq_lens_cpu_upper_bound
+        if seq_lens_cpu is None:
+            seq_lens_cpu = cam.seq_lens.cpu()
+        num_reqs = cam.num_reqs
+        groups = plan_groups(
+            cam.query_start_loc_cpu[: num_reqs + 1],
+            seq_lens_cpu[:num_reqs],
+            cam.block_table_tensor[:num_reqs],
+            self.block_size,
+            self.device,
+        )
+        return NexusQuantMetadata(num_actual_tokens=cam.num_actual_tokens, groups=groups)
+
+
+class NexusQuantImpl(AttentionImpl[NexusQuantMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        alibi_slopes: list[float] | None,
+        sliding_window: int | None,
+        kv_cache_dtype: str,
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+        **kwargs,
+    ) -> None:
+        unsupported = {
+            "ALiBi": alibi_slopes is not None,
+            "sliding-window attention": sliding_window is not None,
+            "logits soft-capping": bool(logits_soft_cap),
+            "attention sinks": sinks is not None,
+            f"attention type {attn_type!r}": attn_type != AttentionType.DECODER,
+            "cross-layer KV sharing": kv_sharing_target_layer_name is not None,
+        }
+        bad = [k for k, v in unsupported.items() if v]
+        if bad:
+            raise NotImplementedError(f"nexusquant e8 KV cache does not support {', '.join(bad)}")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_sharing_target_layer_name = None
+        self.codec = codec_for(kv_cache_dtype) if is_served(kv_cache_dtype) else None  # None: protected layer
+        self.fmt = get_format(kv_cache_dtype, head_size) if self.codec is not None else None
+        # e8 pages: the bit-exact faster dequantizer; anything else (the scalar baseline): its codec's own.
+        self.decode_rotated = (
+            fast_decode.decode_kv_rotated if kv_cache_dtype in E8_DTYPES
+            else getattr(self.codec, "decode_kv_rotated", None)
+        )
+
+    # ---- store ------------------------------------------------------------------------------------------------
+
+    def do_kv_cache_update(
+        self,
+        layer: torch.nn.Module,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        n = slot_mapping.shape[0]
+        if n == 0 or kv_cache.numel() == 0:
+            return
+        key = key[:n].view(n, self.num_kv_heads, self.head_size)
+        value = value[:n].view(n, self.num_kv_heads, self.head_size)
+        valid = slot_mapping >= 0  # padding tokens carry slot -1
+        if not bool(valid.all()):
+            key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+        block_size = kv_cache.shape[2]
+        blk = torch.div(slot_mapping, block_size, rounding_mode="floor")
+        off = slot_mapping % block_size
+        if self.fmt is not None:
+            # No NaN/inf check on the hot path (it is a full pass); a non-finite vector gets a NaN scale and
+            # decodes to NaN, never to plausible garbage.
+            kv_cache[blk, :, off] = self.codec.encode_kv(key, value, self.fmt, validate=False)
+        else:
+            kv_cache[blk, :, off] = torch.cat([key, value], dim=-1).to(kv_cache.dtype)
+
+    # ---- attention --------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: NexusQuantMetadata | None,
+        output: torch.Tensor | None = None,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by the nexusquant backend")
+        if output is None:
+            output = query.new_empty(query.shape[0], self.num_heads * self.head_size)
+        if attn_metadata is None:  # profiling / warm-up run
+            return output
+        n = attn_metadata.num_actual_tokens
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        k = key[:n].view(n, self.num_kv_heads, self.head_size)
+        v = value[:n].view(n, self.num_kv_heads, self.head_size)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        d = self.head_size
+
+        if self.fmt is None:
+
+            def read_pages(ids: torch.Tensor):
+                pages = kv_cache.transpose(0, 1)[:, ids]  # head-major gather: [H, n, bs, 2D]
+                return pages[..., :d], pages[..., d:]
+
+            if eviction_scores.collecting():  # a prompt ends this step and asked for eviction
+                eviction_scores.observe(q, k, read_pages, self.scale)
+            attend(q, k, v, attn_metadata.groups, read_pages, self.scale, out)
+            return output
+
+        fmt, decode = self.fmt, self.decode_rotated
+        rotate, unrotate = self.codec.rotate, self.codec.unrotate
+
+        def read_pages_e8(ids: torch.Tensor):
+            return decode(kv_cache.transpose(0, 1)[:, ids], fmt)  # [H, n, bs, D] each
+
+        # Scores and P @ V in the codec's rotated domain (the rotation is orthogonal): rotate q and this step's
+        # raw K/V once, un-rotate the output once; the cached pages are never un-rotated.
+        out_rot = torch.empty(n, self.num_heads, d, dtype=torch.float32, device=q.device)
+        q_rot, k_rot = rotate(q.float()), rotate(k.float())
+        if eviction_scores.collecting():  # a prompt ends this step and asked for eviction
+            eviction_scores.observe(q_rot, k_rot, read_pages_e8, self.scale)
+        attend(q_rot, k_rot, rotate(v.float()), attn_metadata.groups, read_pages_e8, self.scale, out_rot)
+        out.copy_(unrotate(out_rot))
+        return output

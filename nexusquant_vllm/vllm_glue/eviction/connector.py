@@ -1,0 +1,294 @@
+"""``NQEvictionConnector``: a vLLM KV connector that frees the least-attended prompt blocks right after prefill.
+
+No KV is transferred; the connector API is used only because it is vLLM's sanctioned way to reach the scheduler's
+block pool (``bind_kv_cache_manager``) and to exchange per-step messages between scheduler and workers
+(see docs/vllm-integration-notes.md, section 5.2). Once per request:
+
+1. **Worker, prefill step.** In the step that computes a request's last prompt tokens, the attention backend hands
+   every layer's queries and keys to :mod:`.scores` (``scores.observe``), which sums SnapKV-style window scores over
+   layers. ``build_connector_worker_meta`` ships ``{req_id: token scores}`` to the scheduler.
+2. **Scheduler, next step.** ``update_connector_output`` stores the scores; ``build_connector_meta`` picks the whole
+   logical blocks to free (:func:`nexusquant_vllm.eviction.blocks_to_free`; the first block, the recent window, the
+   user's protected ranges and blocks shared with other requests are kept), replaces them with vLLM's null block in
+   ``req_to_blocks``, returns them to the pool (the free-block count rises by exactly that many) and sends
+   ``{req_id: [logical block indices]}`` to the workers.
+3. **Worker, same step.** vLLM's worker block table is append-only for running requests, so the null-outs are
+   mirrored into the persistent batch and into ``requests[req_id].block_ids`` (a wrapper on
+   ``GPUModelRunner._update_states``, installed only when this connector runs). The backend masks block 0 with -inf
+   in every layer, so the holes are never attended.
+
+Engine life: a preempted request's eviction is reset and redone after its re-prefill; aborts free every block
+(the null entries are skipped by the pool); after an eviction no further block of the request enters the prefix
+cache (its later KV was computed over holes), while the blocks freed with their hash stay valid prefix-cache entries
+(their KV was computed over the full context). Per-request stats go to the log and to
+``RequestOutput.kv_transfer_params["nq_eviction"]`` (also in the OpenAI completion response's ``kv_transfer_params``).
+
+Requires an e8 ``--kv-cache-dtype`` (only the nexusquant backend masks holes) and a single KV-cache group.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+from vllm.logger import init_logger
+
+from nexusquant_vllm.eviction import EvictionPolicy, WindowAttentionScorer, blocks_to_free
+from nexusquant_vllm.vllm_glue.dtypes import is_served
+from nexusquant_vllm.vllm_glue.eviction import params, scores
+
+if TYPE_CHECKING:
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = init_logger("vllm.nexusquant.eviction")
+
+STATS_KEY = "nq_eviction"
+NULL_BLOCK_ID = 0
+
+
+@dataclass
+class EvictionMetadata(KVConnectorMetadata):
+    """Scheduler -> workers, every step: logical block indices nulled this step, per request."""
+
+    evicted: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class EvictionWorkerMetadata(KVConnectorWorkerMetadata):
+    """Workers -> scheduler: summed token scores of requests whose prompt prefill finished this step."""
+
+    scores: dict[str, list[float]] = field(default_factory=dict)
+
+    def aggregate(self, other: "EvictionWorkerMetadata") -> "EvictionWorkerMetadata":
+        """Tensor-parallel ranks each score their own heads: add them up."""
+        merged = dict(self.scores)
+        for req_id, s in other.scores.items():
+            merged[req_id] = [a + b for a, b in zip(merged[req_id], s)] if req_id in merged else s
+        return EvictionWorkerMetadata(merged)
+
+
+@dataclass
+class _RequestState:
+    request: "Request"
+    policy: EvictionPolicy
+    scores: torch.Tensor | None = None
+    stats: dict[str, Any] | None = None  # set once evicted (possibly with 0 blocks)
+
+
+class NQEvictionConnector(KVConnectorBase_V1):
+    """See the module docstring. ``kv_connector_extra_config``: ``eviction`` (server default rate or preset,
+    default ``lossless``), ``min_prompt_tokens`` (512), ``recent_tokens`` (32), ``window`` (32)."""
+
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        dtype = vllm_config.cache_config.cache_dtype
+        if not is_served(dtype):
+            raise ValueError(
+                f"nexusquant eviction needs an e8 --kv-cache-dtype (e.g. e8-k3v2), got {dtype!r}: only the "
+                "nexusquant attention backend masks the freed blocks"
+            )
+        extra = self._kv_transfer_config.kv_connector_extra_config
+        self.default_policy = params.server_policy(extra)
+        self.block_size = vllm_config.cache_config.block_size
+        if role == KVConnectorRole.WORKER:
+            window = int(extra.get(params.WINDOW_KEY, 32))
+            self.collector = scores.ScoreCollector(WindowAttentionScorer(window=window))
+            scores.install(self.collector)
+            _install_update_states_hook()
+        else:
+            self._requests: dict[str, _RequestState] = {}
+            self.num_blocks_freed = 0  # over the engine's life, for tests and benchmarks
+            self.events: list[dict[str, Any]] = []
+        logger.info("nexusquant eviction connector (%s): server default %s", role.name, self.default_policy)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # nothing is handed off: a preempted request is simply recomputed
+
+    # ---- worker side ------------------------------------------------------------------------------------------
+
+    def start_load_kv(self, forward_context, **kwargs) -> None:
+        return
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs) -> None:
+        return
+
+    def wait_for_save(self) -> None:
+        return
+
+    def build_connector_worker_meta(self) -> EvictionWorkerMetadata | None:
+        taken = self.collector.take()
+        if not taken:
+            return None
+        return EvictionWorkerMetadata({rid: s.tolist() for rid, s in taken.items()})
+
+    def on_update_states(self, runner, scheduler_output: "SchedulerOutput") -> None:
+        """After vLLM's ``_update_states``: mirror this step's null-outs, then plan this step's scoring."""
+        meta = scheduler_output.kv_connector_metadata
+        if isinstance(meta, EvictionMetadata):
+            for req_id, idx in meta.evicted.items():
+                _null_out_worker_blocks(runner, req_id, idx)
+        self.collector.plan_step(self._plan(runner, scheduler_output))
+
+    def _plan(self, runner, scheduler_output: "SchedulerOutput") -> list[scores.ScoredRequest]:
+        batch = runner.input_batch
+        plan, start = [], 0
+        for row, req_id in enumerate(batch.req_ids):
+            n_sched = scheduler_output.num_scheduled_tokens.get(req_id, 0)
+            state = runner.requests[req_id]
+            cached, prompt = int(batch.num_computed_tokens_cpu[row]), state.num_prompt_tokens
+            if cached < prompt <= cached + n_sched and self._wants_eviction(state, prompt):
+                plan.append(scores.ScoredRequest(req_id, start, cached, prompt, list(state.block_ids[0]),
+                                                 self.block_size))
+            start += n_sched
+        return plan
+
+    def _wants_eviction(self, state, num_prompt: int) -> bool:
+        try:
+            policy = params.request_policy(self.default_policy, state.sampling_params.extra_args)
+        except ValueError:
+            return False
+        return policy.rate > 0 and num_prompt >= policy.min_prompt_tokens
+
+    # ---- scheduler side ---------------------------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        return 0, False
+
+    def update_state_after_alloc(self, request: "Request", blocks, num_external_tokens: int) -> None:
+        if request.request_id in self._requests:
+            return
+        extra_args = request.sampling_params.extra_args if request.sampling_params is not None else None
+        try:
+            policy = params.request_policy(self.default_policy, extra_args)
+        except ValueError as e:  # refused at request construction already; never crash the engine core
+            logger.error("request %s: %s; not evicting", request.request_id, e)
+            policy = replace(self.default_policy, rate=0.0)
+        self._requests[request.request_id] = _RequestState(request, policy)
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+        meta = connector_output.kv_connector_worker_meta
+        if not isinstance(meta, EvictionWorkerMetadata):
+            return
+        for req_id, s in meta.scores.items():
+            state = self._requests.get(req_id)
+            if state is not None and state.stats is None:
+                state.scores = torch.tensor(s, dtype=torch.float32)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> EvictionMetadata:
+        for req_id in scheduler_output.preempted_req_ids or ():
+            state = self._requests.get(req_id)
+            if state is not None:  # its blocks are all gone; evict again after the re-prefill
+                state.scores, state.stats = None, None
+        meta = EvictionMetadata()
+        for req_id, state in self._requests.items():
+            if state.scores is None or state.stats is not None or req_id in (scheduler_output.preempted_req_ids or ()):
+                continue
+            if state.request.num_computed_tokens < state.request.num_prompt_tokens:
+                continue  # stale scores of a preempted run; new ones come with the re-prefill
+            idx = self._evict(state)
+            if idx:
+                meta.evicted[req_id] = idx
+        return meta
+
+    def _evict(self, state: _RequestState) -> list[int]:
+        request, bs = state.request, self.block_size
+        manager = self._kv_cache_manager
+        single = manager.coordinator.single_type_managers
+        if len(single) != 1:
+            raise NotImplementedError("nexusquant eviction supports one KV-cache group")
+        stm, pool = single[0], manager.block_pool
+        blocks = stm.req_to_blocks[request.request_id]
+        num_prompt = request.num_prompt_tokens
+        scores_ = state.scores[:num_prompt]
+        state.scores = None
+        # Blocks shared with another request (prefix-cache hits) free nothing: keep them, like nulls.
+        keep = tuple((i * bs, (i + 1) * bs) for i, b in enumerate(blocks[: num_prompt // bs]) if b.is_null or b.ref_cnt > 1)
+        idx = blocks_to_free(scores_, bs, replace(state.policy, protected=state.policy.protected + keep))
+        free_before = pool.get_num_free_blocks()
+        freed = [blocks[i] for i in idx]
+        for i in idx:
+            blocks[i] = pool.null_block
+        pool.free_blocks(freed)
+        num_freed = pool.get_num_free_blocks() - free_before
+        if idx and manager.enable_caching:
+            # Later KV of this request is computed over holes: never serve it as a prefix hit. Stop caching new
+            # blocks, and uncache those already cached past the prompt's full blocks (a block completed by the
+            # first decode token in this very schedule).
+            stm.num_cached_block[request.request_id] = sys.maxsize
+            pool.evict_blocks({b.block_id for b in blocks[num_prompt // bs :] if not b.is_null and b.block_hash})
+        evicted_tokens = len(idx) * bs
+        state.stats = {
+            "prompt_tokens": num_prompt, "tokens_evicted": evicted_tokens, "tokens_kept": num_prompt - evicted_tokens,
+            "blocks_freed": num_freed, "rate": state.policy.rate,
+        }
+        self.num_blocks_freed += num_freed
+        self.events.append({"req_id": request.request_id, "blocks": list(idx), **state.stats})
+        logger.info("nexusquant eviction: request %s: %d/%d prompt tokens evicted (rate %.2f), %d blocks freed %s",
+                    request.request_id, evicted_tokens, num_prompt, state.policy.rate, num_freed, list(idx))
+        return idx
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        state = self._requests.pop(request.request_id, None)
+        if state is None or state.stats is None:
+            return False, None
+        return False, {STATS_KEY: dict(state.stats)}
+
+
+# ---- the worker-side patch ------------------------------------------------------------------------------------
+
+_PATCHED_ATTR = "_nexusquant_eviction_patched"
+
+
+def _install_update_states_hook() -> None:
+    """Wrap ``GPUModelRunner._update_states`` (vllm/v1/worker/gpu_model_runner.py:1172 in 0.32; the CPU runner
+    inherits it) so that the eviction connector sees every step's scheduler output after the persistent batch is
+    updated and before inputs are prepared. Idempotent; a no-op for runs without this connector."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._update_states
+    if getattr(original, _PATCHED_ATTR, False):
+        return
+
+    @functools.wraps(original)
+    def _update_states(self, scheduler_output, *args, **kwargs):
+        result = original(self, scheduler_output, *args, **kwargs)
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+        if has_kv_transfer_group():
+            connector = get_kv_transfer_group()
+            if isinstance(connector, NQEvictionConnector):
+                connector.on_update_states(self, scheduler_output)
+        return result
+
+    setattr(_update_states, _PATCHED_ATTR, True)
+    GPUModelRunner._update_states = _update_states
+
+
+def _null_out_worker_blocks(runner, req_id: str, idx: list[int]) -> None:
+    """Mirror the scheduler's null-outs: the persistent batch row (what this step's attention reads) and the
+    request's ``block_ids`` (what the row is rebuilt from when the request re-enters the batch)."""
+    state = runner.requests.get(req_id)
+    if state is None:
+        return
+    row = runner.input_batch.req_id_to_index.get(req_id)
+    for group, ids in enumerate(state.block_ids):
+        for i in idx:
+            ids[i] = NULL_BLOCK_ID
+        if row is not None:
+            runner.input_batch.block_table.block_tables[group].block_table.np[row, idx] = NULL_BLOCK_ID

@@ -1,0 +1,131 @@
+"""Where a request's eviction rate comes from: a server default and a per-request override.
+
+* **Server default**: ``kv_connector_extra_config["eviction"]`` of the eviction connector (see
+  :func:`kv_transfer_config`), or, when the connector is installed through ``NEXUSQUANT_EVICTION``, that variable.
+* **Per request**: ``SamplingParams(extra_args={"nq_eviction": ...})``, or over the OpenAI API
+  ``"vllm_xargs": {"nq_eviction": ...}``. A preset (``lossless``, ``conservative``, ``balanced``, ``aggressive``) or
+  a number in [0, 1). Optional ``nq_eviction_protect``: a list of ``[start, end)`` token ranges always kept.
+
+Invalid per-request values are refused where the request is built (``SamplingParams`` construction, so an HTTP
+request gets a 400 naming ``nq_eviction``) by :func:`install_request_validation`; the engine core, which must never
+crash on one request, treats a value that still slips through as "no eviction" and logs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+from nexusquant_vllm.eviction import EvictionPolicy, parse_rate
+
+EXTRA_ARG = "nq_eviction"
+PROTECT_ARG = "nq_eviction_protect"
+ENV = "NEXUSQUANT_EVICTION"
+CONNECTOR_NAME = "NQEvictionConnector"
+CONNECTOR_MODULE = "nexusquant_vllm.vllm_glue.eviction.connector"
+# kv_connector_extra_config keys (all optional)
+DEFAULT_KEY, MIN_PROMPT_KEY, RECENT_KEY, WINDOW_KEY = "eviction", "min_prompt_tokens", "recent_tokens", "window"
+
+
+def kv_transfer_config(default: object = "lossless", **extra: Any) -> dict:
+    """The ``kv_transfer_config`` that installs eviction, e.g. ``LLM(..., kv_transfer_config=kv_transfer_config(
+    "balanced"))``; on the command line the same dict as JSON to ``--kv-transfer-config``."""
+    parse_rate(default, f"kv_connector_extra_config.{DEFAULT_KEY}")
+    return {
+        "kv_connector": CONNECTOR_NAME,
+        "kv_connector_module_path": CONNECTOR_MODULE,
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {DEFAULT_KEY: default, **extra},
+    }
+
+
+def configure_engine_args(engine_args) -> None:
+    """``NEXUSQUANT_EVICTION=<rate>`` installs the connector with that server default (unless the user already
+    configured a KV connector). Called before the engine config is built."""
+    value = os.environ.get(ENV, "").strip()
+    if not value:
+        return
+    parse_rate(value, ENV)
+    if getattr(engine_args, "kv_transfer_config", None) is not None:
+        return
+    from vllm.config import KVTransferConfig
+
+    engine_args.kv_transfer_config = KVTransferConfig(**kv_transfer_config(value))
+
+
+def validate_extra_args(extra_args: dict | None) -> None:
+    """Raise ``ValueError`` naming the field for an invalid ``nq_eviction`` / ``nq_eviction_protect``."""
+    if not extra_args:
+        return
+    if EXTRA_ARG in extra_args:
+        parse_rate(extra_args[EXTRA_ARG], EXTRA_ARG)
+    if PROTECT_ARG in extra_args:
+        _parse_protected(extra_args[PROTECT_ARG])
+
+
+def _parse_protected(value: object) -> tuple[tuple[int, int], ...]:
+    error = ValueError(f"{PROTECT_ARG} must be a list of [start, end) token ranges with 0 <= start <= end, got {value!r}")
+    if not isinstance(value, (list, tuple)):
+        raise error
+    ranges = []
+    for item in value:
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and all(type(x) is int for x in item)):
+            raise error
+        if not 0 <= item[0] <= item[1]:
+            raise error
+        ranges.append((item[0], item[1]))
+    return tuple(ranges)
+
+
+def server_policy(extra_config: dict) -> EvictionPolicy:
+    """The server default policy from ``kv_connector_extra_config`` (clear ValueError naming the key)."""
+    base = EvictionPolicy()
+    return EvictionPolicy(
+        rate=parse_rate(extra_config.get(DEFAULT_KEY, 0.0), f"kv_connector_extra_config.{DEFAULT_KEY}"),
+        min_prompt_tokens=int(extra_config.get(MIN_PROMPT_KEY, base.min_prompt_tokens)),
+        recent_tokens=int(extra_config.get(RECENT_KEY, base.recent_tokens)),
+        sink_blocks=base.sink_blocks,
+    )
+
+
+def request_policy(default: EvictionPolicy, extra_args: dict | None) -> EvictionPolicy:
+    """The policy of one request: the server default with the request's ``nq_eviction`` / protected ranges."""
+    if not extra_args or (EXTRA_ARG not in extra_args and PROTECT_ARG not in extra_args):
+        return default
+    rate = parse_rate(extra_args[EXTRA_ARG], EXTRA_ARG) if EXTRA_ARG in extra_args else default.rate
+    protected = _parse_protected(extra_args[PROTECT_ARG]) if PROTECT_ARG in extra_args else default.protected
+    return EvictionPolicy(
+        rate=rate, min_prompt_tokens=default.min_prompt_tokens, recent_tokens=default.recent_tokens,
+        sink_blocks=default.sink_blocks, protected=protected,
+    )
+
+
+_VALIDATION_INSTALLED = "_nexusquant_eviction_validation"
+
+
+def install_request_validation() -> None:
+    """Validate ``nq_eviction`` whenever vLLM validates ``SamplingParams.extra_args`` (at construction, in the
+    process that builds the request): ``LLM.generate`` raises ``ValueError``; the OpenAI server answers 400.
+
+    A patch of ``SamplingParams._verify_extra_args`` (vllm/sampling_params.py:746 in 0.32), which vLLM calls from
+    ``_verify_args`` whenever ``extra_args`` is set. Idempotent.
+    """
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    original = SamplingParams._verify_extra_args
+    if getattr(original, _VALIDATION_INSTALLED, False):
+        return
+
+    @functools.wraps(original)
+    def _verify_extra_args(self) -> None:
+        original(self)
+        try:
+            validate_extra_args(self.extra_args)
+        except ValueError as e:
+            field = PROTECT_ARG if PROTECT_ARG in str(e) else EXTRA_ARG
+            raise VLLMValidationError(str(e), parameter=field, value=(self.extra_args or {}).get(field)) from None
+
+    setattr(_verify_extra_args, _VALIDATION_INSTALLED, True)
+    SamplingParams._verify_extra_args = _verify_extra_args

@@ -1,0 +1,166 @@
+"""Vectorized torch attention over a paged KV cache plus the current step's raw K/V.
+
+No vLLM import: this is the CPU reference path of the backend (and the fallback anywhere without a kernel).
+
+Every query token of a request attends to
+  * the request's *cached* context, positions ``[0, cached_len)``, read from its pages through a ``read_pages``
+    callback (E8 pages are dequantized there; only the blocks a request uses are read), and
+  * the raw (never quantized) K/V of the tokens scheduled in this step, causally.
+
+Positions that live in vLLM's null block (block id 0, where eviction leaves holes) are masked with -inf, in every
+layer. Requests are batched in at most two groups (single-token "decode" rows and multi-token "prefill" rows), each
+padded to its longest query and context: no Python loop over requests, blocks or tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+NULL_BLOCK_ID = 0
+
+# read_pages(block_ids [n]) -> (k, v), each head-major [num_kv_heads, n, block_size, head_dim], float or bf16
+PageReader = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class RequestGroup:
+    """Padded index tensors for a group of requests attended together (built once per step, shared by layers)."""
+
+    token_idx: torch.Tensor  # [R, Qmax] int64 rows of the flat token batch (padding repeats the first row)
+    token_valid: torch.Tensor  # [R, Qmax] bool
+    block_ids: torch.Tensor  # [R, Bmax] int64 physical blocks holding the cached context
+    block_used: torch.Tensor  # [R, Bmax] bool: read this block (inside the cached context and not the null block)
+    mask: torch.Tensor  # [R, 1, Qmax, Bmax*block_size + Qmax] bool, True = attend
+    all_blocks_used: bool  # every [R, Bmax] entry is read: no scatter into a padded buffer needed
+
+    @property
+    def num_ctx_blocks(self) -> int:
+        return self.block_ids.shape[1]
+
+
+def plan_groups(
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    block_size: int,
+    device: torch.device | None = None,
+) -> list[RequestGroup]:
+    """Split a batch into a decode group (query length 1) and a prefill group (query length > 1).
+
+    ``query_start_loc`` [R+1] and ``seq_lens`` [R] are host tensors; ``block_table`` [R, max_blocks].
+    """
+    device = device if device is not None else block_table.device
+    qsl = query_start_loc.to("cpu", torch.int64)
+    seq = seq_lens.to("cpu", torch.int64)
+    num_reqs = seq.shape[0]
+    q_len = qsl[1 : num_reqs + 1] - qsl[:num_reqs]
+    cached = seq - q_len
+    groups = []
+    for sel in (q_len == 1, q_len > 1):
+        rows = torch.nonzero(sel).flatten()
+        if rows.numel() == 0:
+            continue
+        groups.append(
+            _plan_group(qsl[rows], q_len[rows], cached[rows], block_table[rows.to(block_table.device)], block_size, device)
+        )
+    return groups
+
+
+def _plan_group(start, q_len, cached, block_table, block_size, device) -> RequestGroup:
+    num_reqs = start.shape[0]
+    q_max = int(q_len.max())
+    ar_q = torch.arange(q_max)
+    token_valid = ar_q[None, :] < q_len[:, None]
+    token_idx = torch.where(token_valid, start[:, None] + ar_q[None, :], start[:, None])
+
+    n_blocks = (cached + block_size - 1) // block_size
+    b_max = int(n_blocks.max())
+    block_ids = block_table[:, :b_max].to("cpu", torch.int64)
+    not_null = block_ids != NULL_BLOCK_ID
+    block_used = (torch.arange(b_max)[None, :] < n_blocks[:, None]) & not_null
+    pos = torch.arange(b_max * block_size)
+    ctx_valid = (pos[None, :] < cached[:, None]) & not_null.repeat_interleave(block_size, dim=1)
+
+    causal = (ar_q[None, :, None] >= ar_q[None, None, :]) & token_valid[:, None, :]  # [R, Qmax(query), Qmax(key)]
+    mask = torch.cat([ctx_valid[:, None, :].expand(num_reqs, q_max, b_max * block_size), causal], dim=-1)
+    return RequestGroup(
+        token_idx=token_idx.to(device),
+        token_valid=token_valid.to(device),
+        block_ids=block_ids.to(device),
+        block_used=block_used.to(device),
+        mask=mask[:, None].to(device),
+        all_blocks_used=bool(block_used.all()),
+    )
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    groups: list[RequestGroup],
+    read_pages: PageReader,
+    scale: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Attention for every token of the batch; writes ``out`` [T, Hq, D] and returns it.
+
+    ``query`` [T, Hq, D], ``key``/``value`` [T, Hk, D]: this step's raw tokens, in the same domain as the pages that
+    ``read_pages`` returns (callers rotate both for E8 pages). ``read_pages(ids)`` returns head-major
+    ``[Hk, n, block_size, D]`` K and V. Computed in float32.
+
+    Layout: head-major ``[Hk, R, ...]`` throughout, so that gathered pages are used as they come (no transpose
+    copy), and the g = Hq/Hk query heads of one KV head are folded into the query axis (GQA without repeating K/V).
+    The cached context and the raw new tokens are two blocks of one softmax (no concatenation of K/V).
+    """
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = key.shape[1]
+    g = num_heads // num_kv_heads
+    for grp in groups:
+        r, q_max = grp.token_idx.shape
+        valid = grp.token_valid
+        # [R, Qmax, Hk, g, D] -> [Hk, R, g*Qmax, D]; row index = gi * Qmax + i
+        q = (query[grp.token_idx].float() * scale).view(r, q_max, num_kv_heads, g, head_dim)
+        q = q.permute(2, 0, 3, 1, 4).reshape(num_kv_heads, r, g * q_max, head_dim)
+        k_new = key[grp.token_idx].float().permute(2, 0, 1, 3)  # [Hk, R, Qmax, D]
+        v_new = value[grp.token_idx].float().permute(2, 0, 1, 3)
+        causal = grp.mask[:, 0, :, -q_max:]  # [R, Qmax(query), Qmax(key)]
+        causal = causal.unsqueeze(1).expand(r, g, q_max, q_max).reshape(r, g * q_max, q_max)
+        s_new = torch.matmul(q, k_new.transpose(-1, -2)).masked_fill_(~causal, float("-inf"))
+        if grp.num_ctx_blocks > 0:
+            k_ctx, v_ctx = _gather_context(grp, read_pages, num_kv_heads, head_dim)  # [Hk, R, L, D]
+            ctx_len = k_ctx.shape[2]
+            ctx_mask = grp.mask[:, 0, :, :ctx_len]  # [R, Qmax, L]
+            ctx_mask = ctx_mask.unsqueeze(1).expand(r, g, q_max, ctx_len).reshape(r, g * q_max, ctx_len)
+            s_ctx = torch.matmul(q, k_ctx.transpose(-1, -2)).masked_fill_(~ctx_mask, float("-inf"))
+            p = torch.softmax(torch.cat([s_ctx, s_new], dim=-1), dim=-1)
+            o = torch.matmul(p[..., :ctx_len], v_ctx) + torch.matmul(p[..., ctx_len:], v_new)
+        else:
+            o = torch.matmul(torch.softmax(s_new, dim=-1), v_new)
+        # [Hk, R, g*Qmax, D] -> [R, Qmax, Hk, g, D] -> [R, Qmax, Hq, D]
+        o = o.view(num_kv_heads, r, g, q_max, head_dim).permute(1, 3, 0, 2, 4).reshape(r, q_max, num_heads, head_dim)
+        out[grp.token_idx[valid]] = o[valid].to(out.dtype)
+    return out
+
+
+def _gather_context(grp: RequestGroup, read_pages: PageReader, num_kv_heads: int, head_dim: int):
+    """Head-major ``[Hk, R, Bmax*block_size, D]`` K and V of the cached context, float32.
+
+    Only the blocks in use are read; the others stay zero and are masked. No page holds non-finite values: vLLM
+    allocates the cache zeroed and every write went through the codec (which refuses NaN/inf) or is model K/V.
+    """
+    r, b_max = grp.block_ids.shape
+    k_pages, v_pages = read_pages(grp.block_ids[grp.block_used])  # [Hk, n, bs, D]
+    block_size = k_pages.shape[2]
+    k_pages, v_pages = k_pages.float(), v_pages.float()
+    if grp.all_blocks_used:
+        k, v = k_pages, v_pages
+    else:
+        k = k_pages.new_zeros(num_kv_heads, r, b_max, block_size, head_dim)
+        v = torch.zeros_like(k)
+        k[:, grp.block_used] = k_pages
+        v[:, grp.block_used] = v_pages
+    return (k.reshape(num_kv_heads, r, b_max * block_size, head_dim),
+            v.reshape(num_kv_heads, r, b_max * block_size, head_dim))

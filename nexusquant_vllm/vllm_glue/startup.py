@@ -1,0 +1,162 @@
+"""Startup: refuse unsupported models with one clear error, pick the protected boundary layers, self-check the
+worker's layers and log one line with the KV-cache budget.
+
+Protected boundary layers keep the model dtype (still served by the nexusquant backend). Which ones:
+
+* ``NEXUSQUANT_PROTECT_LAYERS`` (environment variable, read in the process that builds the engine config):
+  unset -> ``2`` (the first 2 and the last 2 layers); an integer ``N`` -> the first N and the last N layers;
+  ``none`` (or ``0``) -> no protected layer; a comma-separated list with at least one comma (``0,1,29`` or ``5,``)
+  -> exactly those layer indices.
+* vLLM's own ``--kv-cache-dtype-skip-layers`` (``kv_cache_dtype_skip_layers=[...]``) adds layers on top.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from nexusquant_vllm.vllm_glue.dtypes import DEFAULT_DTYPE, E8_DTYPES, SCALAR_PREFIX, get_format, is_served
+
+PROTECT_ENV = "NEXUSQUANT_PROTECT_LAYERS"
+DEFAULT_PROTECT = "2"
+SUPPORTED_MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _logger():
+    from vllm.logger import init_logger
+
+    # Under vLLM's logger namespace so that vLLM's handler and format apply.
+    return init_logger("vllm.nexusquant")
+
+
+def check_dtype_name(dtype: str | None) -> None:
+    """Anything under ``e8-`` (or ``scalar-``) that is not a served dtype: a clear error listing the valid names."""
+    if isinstance(dtype, str) and dtype.startswith(("e8-", SCALAR_PREFIX)) and not is_served(dtype):
+        raise ValueError(
+            f"unknown nexusquant KV-cache dtype {dtype!r}; valid e8 dtypes: {', '.join(E8_DTYPES)} "
+            f"(default {DEFAULT_DTYPE})"
+        )
+
+
+def protected_layers(num_layers: int, spec: str | None = None) -> list[int]:
+    """Layer indices kept in the model dtype, from ``NEXUSQUANT_PROTECT_LAYERS`` syntax (see module docstring)."""
+    spec = (os.environ.get(PROTECT_ENV, DEFAULT_PROTECT) if spec is None else spec).strip().lower()
+    if spec in ("", "none", "0"):
+        return []
+    try:
+        if "," in spec:
+            layers = sorted({int(x) for x in spec.split(",") if x.strip()})
+            bad = [i for i in layers if not 0 <= i < num_layers]
+            if bad:
+                raise ValueError(f"layer indices {bad} out of range for a {num_layers}-layer model")
+            return layers
+        n = int(spec)
+    except ValueError as e:
+        raise ValueError(
+            f"{PROTECT_ENV}={spec!r}: expected 'none', a count N (first N and last N layers) or a comma-separated "
+            f"list of layer indices ({e})"
+        ) from None
+    if n < 0:
+        raise ValueError(f"{PROTECT_ENV}={spec!r}: the count must be >= 0")
+    n = min(n, num_layers // 2)
+    return sorted(set(range(n)) | set(range(num_layers - n, num_layers)))
+
+
+def check_model(model_config) -> None:
+    """One clear error for every model the e8 cache cannot serve (raised before the engine starts)."""
+    problems = []
+    if getattr(model_config, "use_mla", False):
+        problems.append("MLA attention (compressed latent KV) is not supported; use a model with standard attention")
+    head_size = model_config.get_head_size()
+    if head_size % 8 != 0:
+        problems.append(f"head_dim {head_size} is not a multiple of 8 (E8 codes 8-element groups)")
+    if model_config.dtype not in SUPPORTED_MODEL_DTYPES:
+        problems.append(f"model dtype {model_config.dtype} is not supported (use float16, bfloat16 or float32)")
+    if getattr(model_config, "is_hybrid", False):
+        problems.append("hybrid models (attention + Mamba/linear attention) are not supported")
+    window = model_config.get_sliding_window()
+    layer_types = getattr(model_config.hf_text_config, "layer_types", None) or []
+    if window is not None or any("sliding" in str(t) for t in layer_types):
+        problems.append("sliding-window attention layers are not supported (refused rather than silently skipped)")
+    if problems:
+        raise ValueError("nexusquant e8 KV cache cannot serve this model: " + "; ".join(problems))
+
+
+def before_engine_config(engine_args) -> None:
+    check_dtype_name(engine_args.kv_cache_dtype)
+    from nexusquant_vllm.vllm_glue.eviction.params import configure_engine_args
+
+    configure_engine_args(engine_args)  # NEXUSQUANT_EVICTION=<rate>: install the eviction connector
+
+
+def after_engine_config(engine_args, vllm_config) -> None:
+    cache_config = vllm_config.cache_config
+    if not is_served(cache_config.cache_dtype):
+        return
+    model_config = vllm_config.model_config
+    check_model(model_config)
+    num_layers = model_config.hf_text_config.num_hidden_layers
+    layers = protected_layers(num_layers)
+    cache_config.kv_cache_dtype_skip_layers = sorted(
+        set(cache_config.kv_cache_dtype_skip_layers) | {str(i) for i in layers}
+    )
+
+
+def check_worker_layers(runner, specs: dict) -> None:
+    """Worker-side self-check and the startup log line (wraps ``GPUModelRunner.get_kv_cache_spec``)."""
+    from nexusquant_vllm.vllm_glue.backend import NexusQuantBackend
+    from nexusquant_vllm.vllm_glue.compat import attention_layers
+
+    vllm_config = runner.vllm_config
+    dtype = vllm_config.cache_config.cache_dtype
+    if not is_served(dtype):
+        return
+    layers = attention_layers(vllm_config)
+    wrong = [
+        f"{name} ({layer.get_attn_backend().get_name()}, kv_cache_dtype={layer.kv_cache_dtype})"
+        for name, layer in layers.items()
+        if not issubclass(layer.get_attn_backend(), NexusQuantBackend)
+    ]
+    if wrong:
+        raise RuntimeError(
+            f"nexusquant self-check failed: with kv_cache_dtype={dtype} every attention layer must be served by the "
+            f"nexusquant backend, but these are not (their pages would be read as garbage): {', '.join(wrong)}"
+        )
+    _log_budget(vllm_config, layers, specs, dtype)
+
+
+def kv_budget(specs: dict, model_dtype: torch.dtype) -> dict:
+    """Bytes per token over all layers with these specs, and vs a cache where every layer is in the model dtype."""
+    attn = [s for s in specs.values() if hasattr(s, "page_size_bytes") and hasattr(s, "head_size")]
+    bytes_per_token = sum(s.page_size_bytes / s.block_size for s in attn)
+    elem = torch.tensor([], dtype=model_dtype).element_size()
+    dense = sum(s.num_kv_heads * (s.head_size + s.head_size_v) * elem for s in attn)
+    padding = sum(
+        (s.page_size_bytes - s.num_heads * s.block_size * s.state_content_bytes) / s.block_size
+        for s in attn
+        if s.state_content_bytes is not None
+    )
+    return {
+        "bytes_per_token": bytes_per_token,
+        "dense_bytes_per_token": dense,
+        "capacity_ratio": dense / bytes_per_token if bytes_per_token else float("nan"),
+        "padding_bytes_per_token": padding,
+    }
+
+
+def _log_budget(vllm_config, layers: dict, specs: dict, dtype: str) -> None:
+    model_dtype = vllm_config.model_config.dtype
+    head_size = vllm_config.model_config.get_head_size()
+    fmt = get_format(dtype, head_size)
+    protected = sorted(name for name, layer in layers.items() if not is_served(layer.kv_cache_dtype))
+    b = kv_budget(specs, model_dtype)
+    _logger().info(
+        "nexusquant: kv_cache_dtype=%s (K %d bits, V %d bits, %d B/token-head = %.3f bits/elem incl. fp16 scales, "
+        "%d B padding); %d/%d layers E8, %d protected in %s; %.0f B/token over all layers vs %.0f in %s: "
+        "KV capacity ratio %.2fx",
+        dtype, fmt.k_bits, fmt.v_bits, fmt.slot_bytes, fmt.bits_per_element, b["padding_bytes_per_token"],
+        len(layers) - len(protected), len(layers), len(protected), str(model_dtype).replace("torch.", ""),
+        b["bytes_per_token"], b["dense_bytes_per_token"], str(model_dtype).replace("torch.", ""),
+        b["capacity_ratio"],
+    )

@@ -1,0 +1,215 @@
+"""Prefill-time eviction through vLLM (CPU, SmolLM2-135M, e8-k3v2, block size 32): exact free-block accounting, the
+worker's block table mirrors the scheduler, generation stays coherent, aborts and preemption leak nothing, invalid
+rates are refused with clear errors.
+
+One in-process engine (so the scheduler's block pool and the worker's tables are visible) serves every engine test.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from nexusquant_vllm.vllm_glue.eviction import kv_transfer_config
+from nexusquant_vllm.vllm_glue.plugin import register
+
+register()
+
+BLOCK_SIZE = 32
+NUM_BLOCKS = 36  # x 32 tokens: four ~290-token requests decoding 96 tokens each cannot all fit: preemption
+FACTS = [
+    "The harbour town of Velmora was founded by fishermen who traded salted cod with the northern islands.",
+    "Its lighthouse, painted red and white, was rebuilt in 1887 after a winter storm destroyed the old tower.",
+    "Every spring the town holds a festival where children race small wooden boats along the canal.",
+    "The baker on Mill Street is famous for a rye bread flavoured with caraway seeds and dark honey.",
+    "A narrow railway connects Velmora to the capital, crossing three stone bridges and a long tunnel.",
+    "Most houses have slate roofs and blue doors, a tradition said to keep bad luck away from the sea.",
+    "The town library keeps old maps of the coastline drawn by a cartographer named Ilse Brandt.",
+    "In the autumn, flocks of geese rest on the marshes south of the harbour before flying further south.",
+]
+
+
+def long_prompt(n_sentences: int, tag: str = "") -> str:
+    body = " ".join(FACTS[i % len(FACTS)] for i in range(n_sentences))
+    return f"{tag}Here is a description of a town. {body} Question: what colour are the doors of the houses? Answer:"
+
+
+@pytest.fixture(scope="module")
+def engine(model_path, llm_factory):
+    with llm_factory(
+        model_path, "e8-k3v2", in_process=True, max_model_len=1088, block_size=BLOCK_SIZE,
+        num_gpu_blocks_override=NUM_BLOCKS, max_num_seqs=4, enable_prefix_caching=True,
+        max_num_batched_tokens=512,  # long prompts prefill in chunks: scores read the earlier chunks from pages
+        kv_transfer_config=kv_transfer_config("lossless", min_prompt_tokens=256),
+    ) as llm:
+        core = llm.llm_engine.engine_core.engine_core
+        yield {
+            "llm": llm,
+            "scheduler": core.scheduler,
+            "pool": core.scheduler.kv_cache_manager.block_pool,
+            "connector": core.scheduler.connector,
+            "runner": core.model_executor.driver_worker.worker.model_runner,
+        }
+
+
+def _sp(rate, max_tokens=24, **kw):
+    from vllm import SamplingParams
+
+    extra = {} if rate is None else {"nq_eviction": rate}
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, extra_args=extra, **kw)
+
+
+def _event(connector, req_id):
+    """The eviction event of a request (vLLM suffixes the user's request id internally)."""
+    return next((e for e in connector.events if e["req_id"] == req_id or e["req_id"].startswith(req_id + "-")), None)
+
+
+def _step_until_evicted(engine, req_id, max_steps=50):
+    llm_engine, connector = engine["llm"].llm_engine, engine["connector"]
+    for _ in range(max_steps):
+        llm_engine.step()
+        if (event := _event(connector, req_id)) is not None:
+            return event
+    raise AssertionError(f"{req_id} was never evicted")
+
+
+def test_free_blocks_rise_by_exactly_the_freed_blocks_and_worker_mirrors(engine):
+    llm_engine, pool, scheduler, runner = (engine[k] for k in ("llm", "pool", "scheduler", "runner"))
+    llm_engine = llm_engine.llm_engine
+    free_start = pool.get_num_free_blocks()
+    llm_engine.add_request("acct", long_prompt(13, "A. "), _sp(0.35, max_tokens=8))
+    event = _step_until_evicted(engine, "acct")
+    rid = event["req_id"]
+    assert event["blocks"], event
+    assert event["blocks_freed"] == len(event["blocks"])
+    # The eviction step allocated nothing new (decode stays in the prompt's last block or takes exactly one).
+    blocks = scheduler.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks[rid]
+    assert all(blocks[i].is_null for i in event["blocks"])
+    assert sum(b.is_null for b in blocks) == len(event["blocks"])
+    assert event["tokens_evicted"] == len(event["blocks"]) * BLOCK_SIZE
+    assert event["tokens_evicted"] <= 0.35 * event["prompt_tokens"]
+    # Worker: both the persistent batch row and the request's block_ids hold the null block at the holes.
+    state = runner.requests[rid]
+    row = runner.input_batch.req_id_to_index[rid]
+    table = runner.input_batch.block_table.block_tables[0].block_table.np[row]
+    for i, b in enumerate(blocks):
+        assert state.block_ids[0][i] == b.block_id
+        assert table[i] == b.block_id
+    outs = []
+    while llm_engine.has_unfinished_requests():
+        outs += [o for o in llm_engine.step() if o.finished]
+    assert outs[0].kv_transfer_params["nq_eviction"]["blocks_freed"] == len(event["blocks"])
+    assert pool.get_num_free_blocks() == free_start
+    print(f"\nfree blocks back to {free_start}; eviction event {event}")
+
+
+def test_generation_coherent_after_35_percent_eviction(engine):
+    llm = engine["llm"]
+    prompt = long_prompt(46)  # ~1000 tokens
+    n_prompt = len(llm.get_tokenizer()(prompt).input_ids)
+    assert 900 <= n_prompt <= 1200, n_prompt
+    # One after the other: the second request's prefill is mostly a prefix-cache hit on the first one's (clean)
+    # prompt blocks, which it then evicts from its own table (shared blocks would be kept).
+    ref = llm.generate([prompt], _sp(0.0, 32))[0]
+    ev = llm.generate([prompt], _sp(0.35, 32))[0]
+    stats = ev.kv_transfer_params["nq_eviction"]
+    assert ref.kv_transfer_params is None
+    assert stats["tokens_evicted"] >= 0.3 * n_prompt, stats
+    ref_text, ev_text = ref.outputs[0].text, ev.outputs[0].text
+    print(f"\n[lossless] {ref_text!r}\n[35%: {stats}] {ev_text!r}")
+    words = ev_text.split()
+    assert len(words) >= 10 and len(set(words)) >= 5, ev_text  # fluent text, not a repeated token
+    assert sum(c.isalpha() or c.isspace() for c in ev_text) >= 0.8 * len(ev_text)
+    common = 0
+    for a, b in zip(ref.outputs[0].token_ids, ev.outputs[0].token_ids):
+        if a != b:
+            break
+        common += 1
+    assert common >= 2, (ref_text, ev_text)  # same start; after that a 135M model may legitimately diverge
+
+
+def test_abort_after_eviction_leaks_nothing(engine):
+    llm_engine, pool = engine["llm"].llm_engine, engine["pool"]
+    free_start = pool.get_num_free_blocks()
+    llm_engine.add_request("abort-me", long_prompt(13, "B. "), _sp(0.6, max_tokens=16))
+    event = _step_until_evicted(engine, "abort-me")
+    assert event["blocks_freed"] > 0
+    llm_engine.abort_request(["abort-me"])
+    while llm_engine.has_unfinished_requests():
+        llm_engine.step()
+    assert pool.get_num_free_blocks() == free_start
+
+
+def test_preemption_resets_and_redoes_eviction(engine):
+    llm, pool, scheduler, connector = (engine[k] for k in ("llm", "pool", "scheduler", "connector"))
+    free_start = pool.get_num_free_blocks()
+    preempted = []
+    original = scheduler._preempt_request
+
+    def counting(request, *args, **kwargs):
+        preempted.append(request.request_id)
+        return original(request, *args, **kwargs)
+
+    scheduler._preempt_request = counting
+    try:
+        prompts = [long_prompt(13, f"{i}. ") for i in range(4)]
+        outs = llm.generate(prompts, _sp(0.35, max_tokens=96))
+    finally:
+        del scheduler._preempt_request
+    assert preempted, "the test needs at least one preemption"
+    assert all(len(o.outputs[0].token_ids) == 96 for o in outs)
+    assert all(o.kv_transfer_params["nq_eviction"]["blocks_freed"] > 0 for o in outs)
+    by_req = {}
+    for e in connector.events:
+        by_req.setdefault(e["req_id"], []).append(e)
+    redone = [r for r in set(preempted) if len(by_req.get(r, [])) >= 2]
+    print(f"\npreempted {preempted}; evictions per request { {r: len(v) for r, v in by_req.items()} }")
+    assert redone, "a preempted request must be evicted again after its re-prefill"
+    assert pool.get_num_free_blocks() == free_start
+
+
+def test_prefix_cache_never_serves_post_eviction_blocks(engine):
+    """A second request with the same prompt + the first one's continuation must not hit blocks written after the
+    first request's eviction (they were computed over holes)."""
+    llm = engine["llm"]
+    from vllm import TokensPrompt
+
+    tok = llm.get_tokenizer()
+    prompt_ids = tok(long_prompt(13, "C. ")).input_ids
+    first = llm.generate([TokensPrompt(prompt_token_ids=prompt_ids)], _sp(0.35, max_tokens=40))[0]
+    assert first.kv_transfer_params["nq_eviction"]["blocks_freed"] > 0
+    follow = prompt_ids + list(first.outputs[0].token_ids)
+    second = llm.generate([TokensPrompt(prompt_token_ids=follow)], _sp(None, max_tokens=1))[0]
+    # Cached prefix: at most the first request's full prompt blocks, never a block completed after the eviction.
+    assert second.num_cached_tokens <= (len(prompt_ids) // BLOCK_SIZE) * BLOCK_SIZE, second.num_cached_tokens
+
+
+@pytest.mark.parametrize("value", ["lots", 1.5, -0.2, True, [0.3]])
+def test_invalid_per_request_value_is_refused(value):
+    from vllm import SamplingParams
+
+    with pytest.raises(Exception, match="nq_eviction"):
+        SamplingParams(extra_args={"nq_eviction": value})
+
+
+def test_invalid_server_default_and_env_are_refused(monkeypatch):
+    from nexusquant_vllm.vllm_glue.eviction.params import ENV, configure_engine_args, server_policy
+
+    with pytest.raises(ValueError, match="kv_connector_extra_config.eviction"):
+        kv_transfer_config("half")
+    with pytest.raises(ValueError, match="kv_connector_extra_config.eviction"):
+        server_policy({"eviction": 2})
+    monkeypatch.setenv(ENV, "everything")
+    with pytest.raises(ValueError, match=ENV):
+        configure_engine_args(object())
+
+
+def test_env_var_installs_the_connector(monkeypatch):
+    from types import SimpleNamespace
+
+    from nexusquant_vllm.vllm_glue.eviction.params import ENV, configure_engine_args
+
+    monkeypatch.setenv(ENV, "balanced")
+    args = SimpleNamespace(kv_transfer_config=None)
+    configure_engine_args(args)
+    assert args.kv_transfer_config.kv_connector == "NQEvictionConnector"
+    assert args.kv_transfer_config.kv_connector_extra_config["eviction"] == "balanced"
