@@ -5,11 +5,13 @@ This is the pure-torch reference of the store and dequantize paths that the kern
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from nexusquant_vllm.codec.format import KVFormat
-from nexusquant_vllm.codec.packing import pack_codes, unpack_codes
-from nexusquant_vllm.codec.quantizer import check_finite, dequantize, quantize
+from nexusquant_vllm.codec.format import GROUP, KVFormat
+from nexusquant_vllm.codec.packing import pack_codes
+from nexusquant_vllm.codec.quantizer import STAGES, check_finite, quantize
 from nexusquant_vllm.codec.rotation import rotate, unrotate
 
 
@@ -26,9 +28,29 @@ def encode_vectors(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tens
     return pack_codes(codes, bits), scale
 
 
+@functools.lru_cache(maxsize=None)
+def _scaled_tables(bits: int, device: torch.device) -> tuple[tuple[torch.Tensor, int], ...]:
+    """Per stage: (decoding table times the stage step, float32 ``[2^index_bits, 8]``; bytes per index)."""
+    return tuple((stage.table(device) * stage.step, stage.index_bits // 8) for stage in STAGES[bits])
+
+
 def decode_vectors_rotated(packed: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`encode_vectors` up to the rotation: float32 ``x @ R`` estimates ``[..., d]``."""
-    return dequantize(unpack_codes(packed, bits), scale, bits)
+    """Inverse of :func:`encode_vectors` up to the rotation: float32 ``x @ R`` estimates ``[..., d]``.
+
+    Equal, bit for bit, to ``quantizer.dequantize(packing.unpack_codes(packed), scale)`` (tested), but reads each
+    stage's planar indices in place as little-endian uint16/uint8 and does one table gather per stage.
+    """
+    lead, groups = packed.shape[:-1], packed.shape[-1] // bits
+    rows = packed.reshape(-1, packed.shape[-1])
+    out, offset = None, 0
+    for table, nbytes in _scaled_tables(bits, packed.device):
+        part = rows[:, offset : offset + groups * nbytes].contiguous().view(-1)
+        offset += groups * nbytes
+        index = part.to(torch.int32) if nbytes == 1 else part.view(torch.int16).to(torch.int32) & 0xFFFF
+        points = torch.index_select(table, 0, index)  # [rows * groups, 8]
+        out = points if out is None else out.add_(points)
+    out = out.view(rows.shape[0], groups * GROUP).mul_(scale.reshape(-1, 1).to(torch.float32))
+    return out.view(*lead, groups * GROUP)
 
 
 def encode_kv(key: torch.Tensor, value: torch.Tensor, fmt: KVFormat, validate: bool = True) -> torch.Tensor:

@@ -36,7 +36,6 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from nexusquant_vllm.vllm_glue import fast_decode
 from nexusquant_vllm.vllm_glue.dtypes import E8_DTYPES, backend_class_name, codec_for, get_format, is_served
 from nexusquant_vllm.vllm_glue.eviction import scores as eviction_scores
 from nexusquant_vllm.vllm_glue.paged_attention import RequestGroup, attend, plan_groups
@@ -196,11 +195,7 @@ class NexusQuantImpl(AttentionImpl[NexusQuantMetadata]):
         self.kv_sharing_target_layer_name = None
         self.codec = codec_for(kv_cache_dtype) if is_served(kv_cache_dtype) else None  # None: protected layer
         self.fmt = get_format(kv_cache_dtype, head_size) if self.codec is not None else None
-        # e8 pages: the bit-exact faster dequantizer; anything else (the scalar baseline): its codec's own.
-        self.decode_rotated = (
-            fast_decode.decode_kv_rotated if kv_cache_dtype in E8_DTYPES
-            else getattr(self.codec, "decode_kv_rotated", None)
-        )
+        self.decode_rotated = getattr(self.codec, "decode_kv_rotated", None)
 
     # ---- store ------------------------------------------------------------------------------------------------
 
