@@ -53,12 +53,8 @@ def decode_vectors_rotated(packed: torch.Tensor, scale: torch.Tensor, bits: int)
     return out.view(*lead, groups * GROUP)
 
 
-def encode_kv(key: torch.Tensor, value: torch.Tensor, fmt: KVFormat, validate: bool = True) -> torch.Tensor:
-    """Pack keys and values ``[..., head_dim]`` into uint8 slots ``[..., fmt.slot_bytes]``.
-
-    ``validate`` rejects NaN/inf with a ``ValueError`` (it synchronizes the device; a hot path may turn it off,
-    in which case a non-finite vector gets a NaN scale and decodes to NaN, never to plausible garbage).
-    """
+def check_kv(key: torch.Tensor, value: torch.Tensor, fmt: KVFormat, validate: bool) -> None:
+    """Shapes and dtypes of a store; with ``validate``, NaN/inf -> ``ValueError`` (a full pass and a device sync)."""
     _check_input(key, fmt, "key")
     _check_input(value, fmt, "value")
     if key.shape != value.shape:
@@ -66,8 +62,22 @@ def encode_kv(key: torch.Tensor, value: torch.Tensor, fmt: KVFormat, validate: b
     if validate:
         check_finite(key)
         check_finite(value)
-    k_codes, k_scale = encode_vectors(key, fmt.k_bits)
-    v_codes, v_scale = encode_vectors(value, fmt.v_bits)
+
+
+def encode_kv(key: torch.Tensor, value: torch.Tensor, fmt: KVFormat, validate: bool = True) -> torch.Tensor:
+    """Pack keys and values ``[..., head_dim]`` into uint8 slots ``[..., fmt.slot_bytes]``.
+
+    ``validate`` rejects NaN/inf with a ``ValueError`` (it synchronizes the device; a hot path may turn it off,
+    in which case a non-finite vector gets a NaN scale and decodes to NaN, never to plausible garbage).
+    """
+    check_kv(key, value, fmt, validate)
+    return join_slots(*encode_vectors(key, fmt.k_bits), *encode_vectors(value, fmt.v_bits))
+
+
+def join_slots(
+    k_codes: torch.Tensor, k_scale: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor
+) -> torch.Tensor:
+    """Assemble packed codes ``[..., bytes]`` and fp16 scales ``[...]`` into slots ``[K codes | V codes | scales]``."""
     scales = torch.stack([k_scale, v_scale], -1).contiguous().view(torch.uint8)
     return torch.cat([k_codes, v_codes, scales], -1)
 
@@ -93,7 +103,9 @@ def decode_kv_rotated(
     )
 
 
-def decode_kv(slots: torch.Tensor, fmt: KVFormat, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_kv(
+    slots: torch.Tensor, fmt: KVFormat, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Slots -> (K, V), ``[..., head_dim]`` each, in the original domain."""
     k_rot, v_rot = decode_kv_rotated(slots, fmt)
     return unrotate(k_rot).to(dtype), unrotate(v_rot).to(dtype)

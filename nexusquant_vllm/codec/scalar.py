@@ -6,7 +6,8 @@ difference is the codebook: 2^bits levels per element instead of 2^(8 bits) poin
 - ``uniform``: 2^b evenly spaced levels with the step that minimizes MSE on N(0, 1) (optimal clipping);
 - ``lloydmax``: the 2^b Lloyd-Max levels of N(0, 1) (the MSE-optimal scalar quantizer for a Gaussian).
 
-Levels are derived numerically at first use, not hard-coded.
+Levels are derived numerically at first use, not hard-coded. ``encode_kv_scalar`` / ``decode_kv_rotated_scalar``
+store the baseline in the e8 slot layout (same size at the same bits), so it can be compared inside vLLM.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import math
 
 import torch
 
-from nexusquant_vllm.codec.format import check_bits
+from nexusquant_vllm.codec.format import GROUP, KVFormat, check_bits
+from nexusquant_vllm.codec.kv import check_kv, join_slots, split_slots
 from nexusquant_vllm.codec.quantizer import FP16_MAX
+from nexusquant_vllm.codec.rotation import rotate
 
 SCALAR_KINDS = ("uniform", "lloydmax")
 _TINY = 1e-30
@@ -89,3 +92,43 @@ def scalar_dequantize(index: torch.Tensor, scale: torch.Tensor, bits: int, kind:
     """Inverse of :func:`scalar_quantize`: float32 rotated vectors ``[..., d]``."""
     levels = scalar_levels(bits, kind).to(index.device)
     return levels[index.long()] * scale.to(torch.float32)[..., None]
+
+
+def pack_bits(index: torch.Tensor, bits: int) -> torch.Tensor:
+    """b-bit indices ``[..., d]`` -> uint8 ``[..., d/8 * b]``; each group of 8 indices is one little-endian int."""
+    groups = index.long().unflatten(-1, (-1, GROUP))
+    word = (groups << (torch.arange(GROUP, device=index.device) * bits)).sum(-1)
+    shifts = torch.arange(bits, device=index.device) * 8
+    return ((word[..., None] >> shifts) & 0xFF).flatten(-2).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`."""
+    byte_groups = packed.long().unflatten(-1, (-1, bits))
+    word = (byte_groups << (torch.arange(bits, device=packed.device) * 8)).sum(-1)
+    index = (word[..., None] >> (torch.arange(GROUP, device=packed.device) * bits)) & ((1 << bits) - 1)
+    return index.flatten(-2)
+
+
+def encode_kv_scalar(
+    key: torch.Tensor, value: torch.Tensor, fmt: KVFormat, kind: str = "lloydmax", validate: bool = True
+) -> torch.Tensor:
+    """Like ``codec.encode_kv`` with per-element scalar levels instead of E8 codes (same slot layout and size)."""
+    check_kv(key, value, fmt, validate)
+
+    def encode(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index, scale = scalar_quantize(rotate(x), bits, kind)
+        return pack_bits(index, bits), scale
+
+    return join_slots(*encode(key, fmt.k_bits), *encode(value, fmt.v_bits))
+
+
+def decode_kv_rotated_scalar(
+    slots: torch.Tensor, fmt: KVFormat, kind: str = "lloydmax"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`encode_kv_scalar` up to the rotation, like ``codec.decode_kv_rotated``."""
+    k_codes, v_codes, k_scale, v_scale = split_slots(slots, fmt)
+    return (
+        scalar_dequantize(unpack_bits(k_codes, fmt.k_bits), k_scale, fmt.k_bits, kind),
+        scalar_dequantize(unpack_bits(v_codes, fmt.v_bits), v_scale, fmt.v_bits, kind),
+    )

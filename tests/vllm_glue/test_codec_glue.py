@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from nexusquant_vllm.codec import get_format, rotate
+from nexusquant_vllm.codec.scalar import pack_bits, unpack_bits
 from nexusquant_vllm.vllm_glue import scalar_baseline
 
 
@@ -21,5 +22,5 @@ def test_scalar_baseline_round_trip(name):
     for x, x_hat, bits in ((k, k_rot, fmt.k_bits), (v, v_rot, fmt.v_bits)):
         ref = rotate(x)
         assert float(((x_hat - ref) ** 2).mean() / (ref**2).mean()) < bound[bits]
-    packed = scalar_baseline._pack(torch.randint(0, 1 << fmt.k_bits, (4, 64)), fmt.k_bits)
-    assert torch.equal(scalar_baseline._pack(scalar_baseline._unpack(packed, fmt.k_bits), fmt.k_bits), packed)
+    packed = pack_bits(torch.randint(0, 1 << fmt.k_bits, (4, 64)), fmt.k_bits)
+    assert torch.equal(pack_bits(unpack_bits(packed, fmt.k_bits), fmt.k_bits), packed)
