@@ -9,7 +9,16 @@ extra cannot express. scripts/setup_env.sh does both steps.
 import re
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+
+# The native CPU E8 quantizer: a plain C ABI loaded through ctypes (nexusquant_vllm/native/e8_quantize.py), so it
+# builds with a C++ compiler alone (no torch headers, no build-time torch). Python never imports it as a module.
+NATIVE = Extension(
+    "nexusquant_vllm.native._e8_quantize_cpu",
+    sources=["csrc/e8_quantize_cpu.cpp"],
+    language="c++",
+    extra_compile_args=["-O3", "-std=c++17"],
+)
 
 
 def package_version() -> str:
@@ -25,6 +34,7 @@ setup(
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(exclude=["tests", "tests.*", "benchmarks", "benchmarks.*"]),
+    ext_modules=[NATIVE],
     python_requires=">=3.10",
     install_requires=["torch", "triton", "zstandard", "numpy", "tqdm"],
     extras_require={

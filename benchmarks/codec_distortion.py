@@ -7,7 +7,8 @@ Measures (each with the same Hadamard rotation and one fp16 scale per vector, le
   scalar quantization, on N(0, 1) vectors and on SmolLM2's real keys and values (benchmark corpus);
 - the error of q·k on real queries and keys (relative MSE of the attention logits);
 - the scale rule (rms x c search scale with/without the least-squares refit, max-abs) and the random sign diagonal;
-- the honest bytes per token per head of every e8 dtype; encode/decode throughput on this CPU.
+- the honest bytes per token per head of every e8 dtype; encode (torch and native CPU encoders) and decode
+  throughput on this CPU.
 Writes benchmarks/results/codec_distortion.{json,md,png}.
 """
 
@@ -20,6 +21,7 @@ import time
 import torch
 
 from benchmarks.common import RESULTS_DIR, capture_qkv, corpus_token_chunks, smollm2_path, write_results
+from nexusquant_vllm import native
 from nexusquant_vllm.codec import E8_DTYPES, decode_kv_rotated, encode_kv, get_format, rotate
 from nexusquant_vllm.codec.quantizer import dequantize, quantize
 from nexusquant_vllm.codec.scalar import SCALAR_KINDS, scalar_dequantize, scalar_quantize
@@ -110,19 +112,25 @@ def byte_rows() -> list[dict]:
     ]
 
 
-def throughput(tokens: int = 4096, heads: int = 3, head_dim: int = 64) -> dict:
-    """Encode and decode speed of e8-k3v2 in K+V elements per second on this machine."""
-    fmt = get_format("e8-k3v2", head_dim)
+ENCODERS = {"torch": encode_kv, "native": native.encode_kv}
+
+
+def throughput(dtype: str, encoder: str, tokens: int = 4096, heads: int = 3, head_dim: int = 64) -> dict:
+    """Encode (with the torch or the native CPU encoder) and decode speed in K+V elements per second."""
+    fmt = get_format(dtype, head_dim)
+    encode = ENCODERS[encoder]
     key, value = torch.randn(2, tokens, heads, head_dim, generator=torch.Generator().manual_seed(1))
-    encode_kv(key[:16], value[:16], fmt)  # build the tables
+    encode(key[:16], value[:16], fmt)  # build the tables
     wall, cpu = time.perf_counter(), time.process_time()
-    slots = encode_kv(key, value, fmt)
+    slots = encode(key, value, fmt)
     encode_wall, encode_cpu = time.perf_counter() - wall, time.process_time() - cpu
     wall, cpu = time.perf_counter(), time.process_time()
     decode_kv_rotated(slots, fmt)
     decode_wall, decode_cpu = time.perf_counter() - wall, time.process_time() - cpu
     elements = 2 * key.numel()
     return dict(
+        dtype=dtype,
+        encoder=encoder,
         elements=elements,
         encode_elements_per_s=elements / encode_wall,
         decode_elements_per_s=elements / decode_wall,
@@ -176,12 +184,16 @@ def markdown(payload: dict) -> str:
         f"{r['capacity_vs_bf16']:.2f}x |"
         for r in payload["bytes"]
     ]
-    t = payload["throughput"]
     lines += [
         "",
-        f"e8-k3v2 on this CPU ({t['threads']} threads, load {t['load_average_1min']:.1f}): "
-        f"encode {t['encode_elements_per_s'] / 1e6:.2f} M elem/s ({t['encode_elements_per_cpu_s'] / 1e6:.2f} per CPU-s), "
-        f"decode {t['decode_elements_per_s'] / 1e6:.1f} M elem/s ({t['decode_elements_per_cpu_s'] / 1e6:.1f} per CPU-s)",
+        "| dtype | encoder | encode M elem/s (per CPU-s) | decode M elem/s (per CPU-s) | threads | load |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {t['dtype']} | {t['encoder']} | {t['encode_elements_per_s'] / 1e6:.2f} "
+        f"({t['encode_elements_per_cpu_s'] / 1e6:.2f}) | {t['decode_elements_per_s'] / 1e6:.1f} "
+        f"({t['decode_elements_per_cpu_s'] / 1e6:.1f}) | {t['threads']} | {t['load_average_1min']:.1f} |"
+        for t in payload["throughput"]
     ]
     return "\n".join(lines)
 
@@ -228,7 +240,7 @@ def main() -> None:
         logits=logit_rows(logit_q, logit_k),
         scale_rules=scale_rule_rows(real_k),
         bytes=byte_rows(),
-        throughput=throughput(),
+        throughput=[throughput(d, e) for d in ("e8-k3v2", "e8-k2v2", "e8-k4v4") for e in ENCODERS],
     )
     table = markdown(payload)
     write_results("codec_distortion", payload, table)

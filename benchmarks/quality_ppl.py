@@ -8,7 +8,8 @@ positions >= ``--batch-tokens`` are scored: those tokens were computed in a late
 
 Reported per dtype: paired ΔPPL vs auto = exp(mean NLL(dtype) - mean NLL(auto)) - 1 over all scored tokens, with a
 95% bootstrap CI over chunks; honest bits per K/V element: the codec's (scales included) and the average over all
-layers (protected boundary layers count at 16 bits). Writes results/quality_ppl.{json,md,png}.
+layers (protected boundary layers count at 16 bits). Also each e8 dtype paired directly against its scalar twin
+(same bits). Writes results/quality_ppl.{json,md,png}.
 
     python -m benchmarks.quality_ppl [--chunks 16] [--dtypes auto,fp8,e8-k3v2,...]
 """
@@ -136,6 +137,17 @@ def main() -> None:
             report(args, dtypes[: dtypes.index(d) + 1], nll, walls, errors, n_scored, n_protected)
 
 
+def e8_vs_scalar(dtypes: list[str], nll: dict, n_scored: int) -> list[dict]:
+    """Each e8 dtype paired directly against the scalar quantizer with the same bits (negative: e8 is better)."""
+    rows = []
+    for d in dtypes:
+        twin = d.replace("e8-", "scalar-", 1)
+        if d.startswith("e8-") and d in nll and twin in nll:
+            point, lo, hi = paired_delta(nll[d], nll[twin], n_scored)
+            rows.append({"e8": d, "scalar": twin, "delta_ppl": point, "ci_low": lo, "ci_high": hi})
+    return rows
+
+
 def report(args, dtypes, nll, walls, errors, n_scored, n_protected) -> None:
     from benchmarks.common import RESULTS_DIR, write_results
 
@@ -164,6 +176,11 @@ def report(args, dtypes, nll, walls, errors, n_scored, n_protected) -> None:
         else:
             table.append(f"| {r['dtype']} | {r['bits_codec']:.3f} | {r['bits_all_layers']:.3f} | {r['ppl']:.4f} | "
                          f"{100 * r['delta_ppl']:+.2f}% | [{100 * r['ci_low']:+.2f}%, {100 * r['ci_high']:+.2f}%] |")
+    payload["e8_vs_scalar"] = e8_vs_scalar(dtypes, nll, n_scored)
+    if payload["e8_vs_scalar"]:
+        table += ["", "| pair | ΔPPL of e8 vs scalar (paired) | 95% CI |", "|---|---|---|"]
+        table += [f"| {r['e8']} vs {r['scalar']} | {100 * r['delta_ppl']:+.2f}% | [{100 * r['ci_low']:+.2f}%, "
+                  f"{100 * r['ci_high']:+.2f}%] |" for r in payload["e8_vs_scalar"]]
     json_path, md_path = write_results("quality_ppl", payload, "\n".join(table))
     plot(rows, RESULTS_DIR / "quality_ppl.png")
     print("\n".join(table), flush=True)

@@ -107,7 +107,7 @@ def nearest_e8_shifted(x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _pattern_lookup_cpu() -> torch.Tensor:
+def e8p_pattern_lookup() -> torch.Tensor:
     """int64 ``[4^8]``: pattern index of a base-4 key of (|x_i| - 1/2), or -1 where the pattern is not in E8P."""
     lookup = torch.full((4**8,), -1, dtype=torch.int64)
     digits = (e8p_patterns() - 0.5).long()
@@ -123,7 +123,7 @@ def _e8p_index_of_lattice_point(y: torch.Tensor) -> torch.Tensor:
     digits = (base.abs() - 0.5).round().long()
     inside = ((digits >= 0) & (digits < 4)).all(-1)
     key = (digits.clamp(0, 3) * 4 ** torch.arange(8, device=y.device)).sum(-1)
-    pattern = _pattern_lookup_cpu().to(y.device)[key]
+    pattern = e8p_pattern_lookup().to(y.device)[key]
     sign_bits = (base[:, :7] < 0).long() << torch.arange(8, 15, device=y.device)
     index = pattern + sign_bits.sum(-1) + ((~plus).long() << 15)
     return torch.where(inside & (pattern >= 0), index, torch.full_like(index, -1))
@@ -258,5 +258,5 @@ def res8_encode(x: torch.Tensor) -> torch.Tensor:
     """Exact nearest RES8 point of each row of ``x`` (float32 ``[n, 8]``) -> int32 index ``[n]``."""
     table = res8_table(x.device)
     norms = (table * table).sum(-1)
-    out = [(norms[None, :] - 2 * part @ table.T).argmin(-1) for part in x.split(_CHUNK)]
+    out = [torch.addmm(norms, part, table.T, alpha=-2).argmin(-1) for part in x.split(_CHUNK)]
     return torch.cat(out).to(torch.int32) if out else torch.empty(0, dtype=torch.int32, device=x.device)

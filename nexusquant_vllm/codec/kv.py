@@ -6,6 +6,7 @@ This is the pure-torch reference of the store and dequantize paths that the kern
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 
@@ -22,9 +23,14 @@ def _check_input(x: torch.Tensor, fmt: KVFormat, what: str) -> None:
         raise ValueError(f"{what} must be a floating-point tensor, got {x.dtype}")
 
 
-def encode_vectors(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate and code vectors ``[..., d]`` -> (uint8 codes ``[..., d/8 * bits]``, fp16 scales ``[...]``)."""
-    codes, scale = quantize(rotate(x), bits)
+Quantizer = Callable[[torch.Tensor, int], tuple[list[torch.Tensor], torch.Tensor]]
+
+
+def encode_vectors(x: torch.Tensor, bits: int, quantizer: Quantizer = quantize) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate and code vectors ``[..., d]`` -> (uint8 codes ``[..., d/8 * bits]``, fp16 scales ``[...]``).
+
+    ``quantizer`` is ``quantizer.quantize`` (the torch reference) or a kernel with its signature and output."""
+    codes, scale = quantizer(rotate(x), bits)
     return pack_codes(codes, bits), scale
 
 
@@ -64,14 +70,16 @@ def check_kv(key: torch.Tensor, value: torch.Tensor, fmt: KVFormat, validate: bo
         check_finite(value)
 
 
-def encode_kv(key: torch.Tensor, value: torch.Tensor, fmt: KVFormat, validate: bool = True) -> torch.Tensor:
+def encode_kv(
+    key: torch.Tensor, value: torch.Tensor, fmt: KVFormat, validate: bool = True, quantizer: Quantizer = quantize
+) -> torch.Tensor:
     """Pack keys and values ``[..., head_dim]`` into uint8 slots ``[..., fmt.slot_bytes]``.
 
     ``validate`` rejects NaN/inf with a ``ValueError`` (it synchronizes the device; a hot path may turn it off,
     in which case a non-finite vector gets a NaN scale and decodes to NaN, never to plausible garbage).
     """
     check_kv(key, value, fmt, validate)
-    return join_slots(*encode_vectors(key, fmt.k_bits), *encode_vectors(value, fmt.v_bits))
+    return join_slots(*encode_vectors(key, fmt.k_bits, quantizer), *encode_vectors(value, fmt.v_bits, quantizer))
 
 
 def join_slots(

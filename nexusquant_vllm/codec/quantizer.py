@@ -110,18 +110,20 @@ def quantize(
     check_bits(bits)
     lead, d = x.shape[:-1], x.shape[-1]
     x = x.to(torch.float32).reshape(-1, d)
-    rms = x.pow(2).mean(-1, keepdim=True).sqrt()
-    searched = [rms * c for c in SCALE_C[bits]] if unit_scale is None else [unit_scale.reshape(-1, 1)]
-    best_codes, best_scale, best_error = None, None, None
-    for candidate in searched:
-        codes, scale, error = _code_at_scale(x, candidate.to(torch.float32).clamp_min(_TINY), bits, refit_scale)
-        if best_codes is None:
-            best_codes, best_scale, best_error = codes, scale, error
-            continue
-        better = error < best_error
-        best_codes = [torch.where(better[:, None], c, b) for c, b in zip(codes, best_codes)]
-        best_scale = torch.where(better, scale, best_scale)
-        best_error = torch.where(better, error, best_error)
+    if unit_scale is None:
+        rms = x.pow(2).mean(-1, keepdim=True).sqrt()
+        searched = torch.stack([rms * c for c in SCALE_C[bits]])  # [m, n, 1]
+    else:
+        searched = unit_scale.to(torch.float32).reshape(1, -1, 1)
+    # All m candidate scales are coded in one batch of m*n vectors (m times fewer kernel launches: what a decode
+    # step, with a handful of vectors per layer, pays for); each vector keeps the candidate with the lowest error.
+    m, n = searched.shape[0], x.shape[0]
+    codes, scale, error = _code_at_scale(
+        x.repeat(m, 1), searched.reshape(m * n, 1).clamp_min(_TINY), bits, refit_scale
+    )
+    best = error.view(m, n).argmin(0)  # first minimum: ties keep the earlier candidate
+    rows = best * n + torch.arange(n, device=x.device)
+    best_codes, best_scale = [c[rows] for c in codes], scale[rows]
     return [c.reshape(*lead, d // GROUP) for c in best_codes], best_scale.reshape(lead)
 
 

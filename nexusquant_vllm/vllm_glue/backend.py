@@ -36,7 +36,15 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from nexusquant_vllm.vllm_glue.dtypes import E8_DTYPES, backend_class_name, codec_for, get_format, is_served
+from nexusquant_vllm import native
+from nexusquant_vllm.vllm_glue.dtypes import (
+    E8_DTYPES,
+    backend_class_name,
+    codec_for,
+    get_format,
+    is_served,
+    uses_native_store,
+)
 from nexusquant_vllm.vllm_glue.eviction import scores as eviction_scores
 from nexusquant_vllm.vllm_glue.paged_attention import RequestGroup, attend, plan_groups
 
@@ -196,6 +204,7 @@ class NexusQuantImpl(AttentionImpl[NexusQuantMetadata]):
         self.codec = codec_for(kv_cache_dtype) if is_served(kv_cache_dtype) else None  # None: protected layer
         self.fmt = get_format(kv_cache_dtype, head_size) if self.codec is not None else None
         self.decode_rotated = getattr(self.codec, "decode_kv_rotated", None)
+        self.native_store = uses_native_store(kv_cache_dtype)
 
     # ---- store ------------------------------------------------------------------------------------------------
 
@@ -221,7 +230,8 @@ class NexusQuantImpl(AttentionImpl[NexusQuantMetadata]):
         if self.fmt is not None:
             # No NaN/inf check on the hot path (it is a full pass); a non-finite vector gets a NaN scale and
             # decodes to NaN, never to plausible garbage.
-            kv_cache[blk, :, off] = self.codec.encode_kv(key, value, self.fmt, validate=False)
+            encode = native.encode_kv if self.native_store and kv_cache.is_cpu else self.codec.encode_kv
+            kv_cache[blk, :, off] = encode(key, value, self.fmt, validate=False)
         else:
             kv_cache[blk, :, off] = torch.cat([key, value], dim=-1).to(kv_cache.dtype)
 

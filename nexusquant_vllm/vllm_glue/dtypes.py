@@ -12,12 +12,14 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
+from nexusquant_vllm import native
 from nexusquant_vllm.codec.format import DEFAULT_DTYPE, E8_DTYPES, KVFormat
 
 BENCH_SCALAR_ENV = "NEXUSQUANT_BENCH_SCALAR"
 SCALAR_PREFIX = "scalar-"
 
-__all__ = ["DEFAULT_DTYPE", "E8_DTYPES", "codec_for", "dtype_names", "get_format", "is_served", "scalar_names"]
+__all__ = ["DEFAULT_DTYPE", "E8_DTYPES", "codec_for", "dtype_names", "get_format", "is_served", "scalar_names",
+           "uses_native_store"]
 
 
 def scalar_names() -> tuple[str, ...]:
@@ -46,6 +48,11 @@ def codec_for(dtype: str) -> ModuleType:
     import nexusquant_vllm.codec as codec
 
     return codec
+
+
+def uses_native_store(dtype: str) -> bool:
+    """E8 layers on CPU store through the native encoder (csrc/) when it is built; the torch codec otherwise."""
+    return dtype in E8_DTYPES and native.available()
 
 
 def get_format(dtype: str, head_dim: int) -> KVFormat:

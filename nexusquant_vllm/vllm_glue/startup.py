@@ -16,7 +16,14 @@ import os
 
 import torch
 
-from nexusquant_vllm.vllm_glue.dtypes import DEFAULT_DTYPE, E8_DTYPES, SCALAR_PREFIX, get_format, is_served
+from nexusquant_vllm.vllm_glue.dtypes import (
+    DEFAULT_DTYPE,
+    E8_DTYPES,
+    SCALAR_PREFIX,
+    get_format,
+    is_served,
+    uses_native_store,
+)
 
 PROTECT_ENV = "NEXUSQUANT_PROTECT_LAYERS"
 DEFAULT_PROTECT = "2"
@@ -154,9 +161,9 @@ def _log_budget(vllm_config, layers: dict, specs: dict, dtype: str) -> None:
     _logger().info(
         "nexusquant: kv_cache_dtype=%s (K %d bits, V %d bits, %d B/token-head = %.3f bits/elem incl. fp16 scales, "
         "%d B padding); %d/%d layers E8, %d protected in %s; %.0f B/token over all layers vs %.0f in %s: "
-        "KV capacity ratio %.2fx",
+        "KV capacity ratio %.2fx; CPU store encoder: %s",
         dtype, fmt.k_bits, fmt.v_bits, fmt.slot_bytes, fmt.bits_per_element, b["padding_bytes_per_token"],
         len(layers) - len(protected), len(layers), len(protected), str(model_dtype).replace("torch.", ""),
         b["bytes_per_token"], b["dense_bytes_per_token"], str(model_dtype).replace("torch.", ""),
-        b["capacity_ratio"],
+        b["capacity_ratio"], "native (csrc)" if uses_native_store(dtype) else "torch",
     )

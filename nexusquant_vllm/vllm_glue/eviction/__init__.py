@@ -12,7 +12,8 @@ How to turn it on (an e8 ``--kv-cache-dtype`` is required):
   "conservative"}`` over the OpenAI API (needs the connector installed; its default may be ``lossless``).
 
 Modules: ``params`` (rates, defaults, request validation), ``scores`` (worker-side score collection, called by the
-attention backend), ``connector`` (the KV connector: decision, block freeing, worker block-table mirror, stats).
+attention backend), ``connector`` (the KV connector: decision, block freeing, worker block-table mirror, stats),
+``metrics`` (the stats as vLLM KV-connector stats: engine log line and Prometheus histograms).
 """
 
 from nexusquant_vllm.vllm_glue.eviction.params import ENV, EXTRA_ARG, kv_transfer_config

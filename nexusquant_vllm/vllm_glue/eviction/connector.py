@@ -4,7 +4,8 @@ No KV is transferred; the connector API is used only because it is vLLM's sancti
 block pool (``bind_kv_cache_manager``) and to exchange per-step messages between scheduler and workers
 (see docs/vllm-integration-notes.md, section 5.2). Once per request:
 
-1. **Worker, prefill step.** In the step that computes a request's last prompt tokens, the attention backend hands
+1. **Worker, prefill step.** In the step that computes a request's last prompt tokens (or, with the per-request
+   ``nq_eviction_at`` = N, its first N prompt tokens; see :mod:`.params`), the attention backend hands
    every layer's queries and keys to :mod:`.scores` (``scores.observe``), which sums SnapKV-style window scores over
    layers. ``build_connector_worker_meta`` ships ``{req_id: token scores}`` to the scheduler.
 2. **Scheduler, next step.** ``update_connector_output`` stores the scores; ``build_connector_meta`` picks the whole
@@ -20,8 +21,9 @@ block pool (``bind_kv_cache_manager``) and to exchange per-step messages between
 Engine life: a preempted request's eviction is reset and redone after its re-prefill; aborts free every block
 (the null entries are skipped by the pool); after an eviction no further block of the request enters the prefix
 cache (its later KV was computed over holes), while the blocks freed with their hash stay valid prefix-cache entries
-(their KV was computed over the full context). Per-request stats go to the log and to
-``RequestOutput.kv_transfer_params["nq_eviction"]`` (also in the OpenAI completion response's ``kv_transfer_params``).
+(their KV was computed over the full context). Per-request stats go to the log, to
+``RequestOutput.kv_transfer_params["nq_eviction"]`` (also in the OpenAI completion response's ``kv_transfer_params``)
+and to vLLM's stat loggers and Prometheus ``/metrics`` (:mod:`.metrics`).
 
 Requires an e8 ``--kv-cache-dtype`` (only the nexusquant backend masks holes) and a single KV-cache group.
 """
@@ -46,6 +48,7 @@ from vllm.logger import init_logger
 from nexusquant_vllm.eviction import EvictionPolicy, WindowAttentionScorer, blocks_to_free
 from nexusquant_vllm.vllm_glue.dtypes import is_served
 from nexusquant_vllm.vllm_glue.eviction import params, scores
+from nexusquant_vllm.vllm_glue.eviction.metrics import EvictionPromMetrics, EvictionStats
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -83,6 +86,7 @@ class EvictionWorkerMetadata(KVConnectorWorkerMetadata):
 class _RequestState:
     request: "Request"
     policy: EvictionPolicy
+    evict_at: int  # prompt tokens computed before the eviction fires (the whole prompt unless nq_eviction_at)
     scores: torch.Tensor | None = None
     stats: dict[str, Any] | None = None  # set once evicted (possibly with 0 blocks)
 
@@ -109,6 +113,7 @@ class NQEvictionConnector(KVConnectorBase_V1):
             _install_update_states_hook()
         else:
             self._requests: dict[str, _RequestState] = {}
+            self._interval_stats = EvictionStats()
             self.num_blocks_freed = 0  # over the engine's life, for tests and benchmarks
             self.events: list[dict[str, Any]] = []
         logger.info("nexusquant eviction connector (%s): server default %s", role.name, self.default_policy)
@@ -116,6 +121,23 @@ class NQEvictionConnector(KVConnectorBase_V1):
     @property
     def requires_kv_delivery(self) -> bool:
         return False  # nothing is handed off: a preempted request is simply recomputed
+
+    # ---- stats (vLLM's stat loggers and Prometheus; see metrics.py) -----------------------------------------------
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> EvictionStats:
+        return EvictionStats(data=data or {})
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> EvictionPromMetrics:
+        return EvictionPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    def get_kv_connector_stats(self) -> EvictionStats | None:
+        """Scheduler: the eviction decisions since the last call (vLLM calls it every step); workers have none."""
+        if self._role != KVConnectorRole.SCHEDULER or self._interval_stats.is_empty():
+            return None
+        stats, self._interval_stats = self._interval_stats, EvictionStats()
+        return stats
 
     # ---- worker side ------------------------------------------------------------------------------------------
 
@@ -151,19 +173,22 @@ class NQEvictionConnector(KVConnectorBase_V1):
         for row, req_id in enumerate(batch.req_ids):
             n_sched = scheduler_output.num_scheduled_tokens.get(req_id, 0)
             state = runner.requests[req_id]
-            cached, prompt = int(batch.num_computed_tokens_cpu[row]), state.num_prompt_tokens
-            if cached < prompt <= cached + n_sched and self._wants_eviction(state, prompt):
-                plan.append(scores.ScoredRequest(req_id, start, cached, prompt, list(state.block_ids[0]),
+            cached, evict_at = int(batch.num_computed_tokens_cpu[row]), self._eviction_point(state)
+            if evict_at is not None and cached < evict_at <= cached + n_sched:
+                plan.append(scores.ScoredRequest(req_id, start, cached, evict_at, list(state.block_ids[0]),
                                                  self.block_size))
             start += n_sched
         return plan
 
-    def _wants_eviction(self, state, num_prompt: int) -> bool:
+    def _eviction_point(self, state) -> int | None:
+        """The prompt tokens to score and evict among, or None if this request evicts nothing."""
+        extra_args = state.sampling_params.extra_args
         try:
-            policy = params.request_policy(self.default_policy, state.sampling_params.extra_args)
+            policy = params.request_policy(self.default_policy, extra_args)
+            evict_at = params.eviction_point(extra_args, state.num_prompt_tokens)
         except ValueError:
-            return False
-        return policy.rate > 0 and num_prompt >= policy.min_prompt_tokens
+            return None
+        return evict_at if policy.rate > 0 and evict_at >= policy.min_prompt_tokens else None
 
     # ---- scheduler side ---------------------------------------------------------------------------------------
 
@@ -174,12 +199,14 @@ class NQEvictionConnector(KVConnectorBase_V1):
         if request.request_id in self._requests:
             return
         extra_args = request.sampling_params.extra_args if request.sampling_params is not None else None
+        evict_at = request.num_prompt_tokens
         try:
             policy = params.request_policy(self.default_policy, extra_args)
+            evict_at = params.eviction_point(extra_args, evict_at)
         except ValueError as e:  # refused at request construction already; never crash the engine core
             logger.error("request %s: %s; not evicting", request.request_id, e)
             policy = replace(self.default_policy, rate=0.0)
-        self._requests[request.request_id] = _RequestState(request, policy)
+        self._requests[request.request_id] = _RequestState(request, policy, evict_at)
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
         meta = connector_output.kv_connector_worker_meta
@@ -199,7 +226,7 @@ class NQEvictionConnector(KVConnectorBase_V1):
         for req_id, state in self._requests.items():
             if state.scores is None or state.stats is not None or req_id in (scheduler_output.preempted_req_ids or ()):
                 continue
-            if state.request.num_computed_tokens < state.request.num_prompt_tokens:
+            if state.request.num_computed_tokens < state.evict_at:
                 continue  # stale scores of a preempted run; new ones come with the re-prefill
             idx = self._evict(state)
             if idx:
@@ -214,11 +241,11 @@ class NQEvictionConnector(KVConnectorBase_V1):
             raise NotImplementedError("nexusquant eviction supports one KV-cache group")
         stm, pool = single[0], manager.block_pool
         blocks = stm.req_to_blocks[request.request_id]
-        num_prompt = request.num_prompt_tokens
-        scores_ = state.scores[:num_prompt]
+        num_scored = state.evict_at
+        scores_ = state.scores[:num_scored]
         state.scores = None
         # Blocks shared with another request (prefix-cache hits) free nothing: keep them, like nulls.
-        keep = tuple((i * bs, (i + 1) * bs) for i, b in enumerate(blocks[: num_prompt // bs]) if b.is_null or b.ref_cnt > 1)
+        keep = tuple((i * bs, (i + 1) * bs) for i, b in enumerate(blocks[: num_scored // bs]) if b.is_null or b.ref_cnt > 1)
         idx = blocks_to_free(scores_, bs, replace(state.policy, protected=state.policy.protected + keep))
         free_before = pool.get_num_free_blocks()
         freed = [blocks[i] for i in idx]
@@ -231,16 +258,20 @@ class NQEvictionConnector(KVConnectorBase_V1):
             # blocks, and uncache those already cached past the prompt's full blocks (a block completed by the
             # first decode token in this very schedule).
             stm.num_cached_block[request.request_id] = sys.maxsize
-            pool.evict_blocks({b.block_id for b in blocks[num_prompt // bs :] if not b.is_null and b.block_hash})
-        evicted_tokens = len(idx) * bs
+            pool.evict_blocks({b.block_id for b in blocks[num_scored // bs :] if not b.is_null and b.block_hash})
+        evicted_tokens, num_prompt = len(idx) * bs, request.num_prompt_tokens
         state.stats = {
             "prompt_tokens": num_prompt, "tokens_evicted": evicted_tokens, "tokens_kept": num_prompt - evicted_tokens,
-            "blocks_freed": num_freed, "rate": state.policy.rate,
+            "blocks_freed": num_freed, "rate": state.policy.rate, "evicted_at": num_scored,
+            # tokens computed over the full cache; > evicted_at if the eviction point fell inside a prefill chunk
+            "computed_before_eviction": request.num_computed_tokens,
         }
         self.num_blocks_freed += num_freed
+        self._interval_stats.record(state.stats)
         self.events.append({"req_id": request.request_id, "blocks": list(idx), **state.stats})
-        logger.info("nexusquant eviction: request %s: %d/%d prompt tokens evicted (rate %.2f), %d blocks freed %s",
-                    request.request_id, evicted_tokens, num_prompt, state.policy.rate, num_freed, list(idx))
+        logger.info("nexusquant eviction: request %s: %d/%d prompt tokens evicted (rate %.2f, decided after %d), "
+                    "%d blocks freed %s", request.request_id, evicted_tokens, num_prompt, state.policy.rate,
+                    num_scored, num_freed, list(idx))
         return idx
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:

@@ -5,6 +5,13 @@
 * **Per request**: ``SamplingParams(extra_args={"nq_eviction": ...})``, or over the OpenAI API
   ``"vllm_xargs": {"nq_eviction": ...}``. A preset (``lossless``, ``conservative``, ``balanced``, ``aggressive``) or
   a number in [0, 1). Optional ``nq_eviction_protect``: a list of ``[start, end)`` token ranges always kept.
+  Optional ``nq_eviction_at``: a token count N >= 1; the eviction then fires once the first N prompt tokens are
+  computed and is decided over those N tokens alone (the rest of the prompt is computed over the evicted cache).
+  This is how a continuation is teacher-forced over an evicted context (``prompt_logprobs`` on the rest of the
+  prompt); for exact results N must fall on a prefill chunk boundary, e.g. a multiple of
+  ``max_num_batched_tokens`` with one request scheduled at a time (the request's stats report
+  ``computed_before_eviction``, which then equals N). A request whose prefix-cache hit already covers the first N
+  tokens is not evicted (nothing of them is computed, so nothing is scored).
 
 Invalid per-request values are refused where the request is built (``SamplingParams`` construction, so an HTTP
 request gets a 400 naming ``nq_eviction``) by :func:`install_request_validation`; the engine core, which must never
@@ -21,6 +28,7 @@ from nexusquant_vllm.eviction import EvictionPolicy, parse_rate
 
 EXTRA_ARG = "nq_eviction"
 PROTECT_ARG = "nq_eviction_protect"
+AT_ARG = "nq_eviction_at"
 ENV = "NEXUSQUANT_EVICTION"
 CONNECTOR_NAME = "NQEvictionConnector"
 CONNECTOR_MODULE = "nexusquant_vllm.vllm_glue.eviction.connector"
@@ -55,13 +63,29 @@ def configure_engine_args(engine_args) -> None:
 
 
 def validate_extra_args(extra_args: dict | None) -> None:
-    """Raise ``ValueError`` naming the field for an invalid ``nq_eviction`` / ``nq_eviction_protect``."""
+    """Raise ``ValueError`` naming the field for an invalid ``nq_eviction`` / ``nq_eviction_protect`` /
+    ``nq_eviction_at``."""
     if not extra_args:
         return
     if EXTRA_ARG in extra_args:
         parse_rate(extra_args[EXTRA_ARG], EXTRA_ARG)
     if PROTECT_ARG in extra_args:
         _parse_protected(extra_args[PROTECT_ARG])
+    if AT_ARG in extra_args:
+        _parse_at(extra_args[AT_ARG])
+
+
+def eviction_point(extra_args: dict | None, num_prompt_tokens: int) -> int:
+    """The number of leading prompt tokens after whose prefill the eviction fires (the whole prompt by default)."""
+    if not extra_args or AT_ARG not in extra_args:
+        return num_prompt_tokens
+    return min(_parse_at(extra_args[AT_ARG]), num_prompt_tokens)
+
+
+def _parse_at(value: object) -> int:
+    if type(value) is not int or value < 1:
+        raise ValueError(f"{AT_ARG} must be a token count >= 1, got {value!r}")
+    return value
 
 
 def _parse_protected(value: object) -> tuple[tuple[int, int], ...]:
@@ -124,7 +148,8 @@ def install_request_validation() -> None:
         try:
             validate_extra_args(self.extra_args)
         except ValueError as e:
-            field = PROTECT_ARG if PROTECT_ARG in str(e) else EXTRA_ARG
+            # The longest matching name: every field name starts with EXTRA_ARG.
+            field = max((f for f in (EXTRA_ARG, PROTECT_ARG, AT_ARG) if f in str(e)), key=len, default=EXTRA_ARG)
             raise VLLMValidationError(str(e), parameter=field, value=(self.extra_args or {}).get(field)) from None
 
     setattr(_verify_extra_args, _VALIDATION_INSTALLED, True)

@@ -1,0 +1,390 @@
+// Native CPU E8 quantizer: the same algorithm as nexusquant_vllm/codec/quantizer.py (scale candidates, least-squares
+// scale refit, E8P stage 1 with a 4-candidate beam at 3 bits, RES8 / E8P residual stage), one vector at a time with
+// early-exit loops instead of the torch path's padded [n, 512] temporaries.
+//
+// Plain C ABI, called through ctypes (no torch headers, so the build needs only a C++ compiler). The codebook tables
+// come from the caller (the torch codec builds them), so there is one source of truth for every codeword.
+// Outputs match the torch reference except where two candidates are at exactly the same distance (float summation
+// order differs), which tests bound by comparing distortion, not bytes.
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace {
+
+constexpr int kGroup = 8;
+constexpr int kPatterns = 256;
+constexpr int kClasses = 2 * kPatterns;  // (shift, pattern) classes of E8P
+constexpr int kTopK = 8;                 // classes whose exact distance the bounded search computes
+constexpr int kMaxBeam = 8;
+constexpr int kMaxDim = 512;
+constexpr float kFp16Max = 65504.0f;
+constexpr float kTiny = 1e-30f;
+constexpr float kShift[2] = {0.25f, -0.25f};
+
+struct Tables {
+  float pattern_t[kGroup][kPatterns];  // E8P absolute patterns, coordinate-major (loops over patterns vectorize)
+  float pattern_norm[kPatterns];
+  int parity[kPatterns];
+  float pattern[kPatterns][kGroup];
+  float res8_t[kGroup][kPatterns];
+  float res8_norm[kPatterns];
+  float res8[kPatterns][kGroup];
+  const int64_t* lookup;  // [4^8]: E8P pattern of a base-4 key of |base| - 1/2, or -1
+};
+
+
+struct Config {
+  int bits;
+  int beam;
+  float step2;  // scale of the second stage's codebook (0.5 at 3 bits, 0.25 at 4 bits)
+};
+
+// One target's view of the 2 x 256 (shift, pattern) classes of E8P: per shift, |t| and the signs of
+// t = u - shift; per class, the distance bound with the target's signs and parity ignored. The exact distance adds
+// the parity fix (flip the coordinate with the smallest |pattern_i * t_i|), computed only for classes that need it.
+struct Target {
+  float abs_t[2][kGroup];
+  bool negative[2][kGroup];
+  bool odd[2];
+  float bound[kClasses];
+};
+
+// The two hot loops get an AVX2+FMA clone, chosen at load time on CPUs that have it (-march stays portable).
+#define NQ_HOT __attribute__((target_clones("arch=haswell", "default")))
+
+NQ_HOT void score_bounds(const Tables& tb, const float* u, Target& tg) {
+  for (int s = 0; s < 2; ++s) {
+    float norm = 0.0f;
+    int negatives = 0;
+    for (int i = 0; i < kGroup; ++i) {
+      const float t = u[i] - kShift[s];
+      tg.negative[s][i] = t < 0.0f;
+      negatives += t < 0.0f;
+      tg.abs_t[s][i] = std::fabs(t);
+      norm += tg.abs_t[s][i] * tg.abs_t[s][i];
+    }
+    tg.odd[s] = negatives & 1;
+    float gain[kPatterns] = {};
+    for (int i = 0; i < kGroup; ++i) {  // coordinate-major: the inner loop over patterns vectorizes
+      for (int p = 0; p < kPatterns; ++p) gain[p] += tb.pattern_t[i][p] * tg.abs_t[s][i];
+    }
+    for (int p = 0; p < kPatterns; ++p) tg.bound[s * kPatterns + p] = norm + tb.pattern_norm[p] - 2.0f * gain[p];
+  }
+}
+
+// Coordinate whose sign flips to fix the parity of class c, or -1 when the target's signs already fit.
+int flip_at(const Tables& tb, const Target& tg, int c, float* cost) {
+  const int s = c / kPatterns, p = c % kPatterns;
+  *cost = 0.0f;
+  if (tg.odd[s] == (tb.parity[p] != 0)) return -1;
+  int at = 0;
+  float best = tb.pattern[p][0] * tg.abs_t[s][0];
+  for (int i = 1; i < kGroup; ++i) {
+    const float w = tb.pattern[p][i] * tg.abs_t[s][i];
+    if (w < best) {
+      best = w;
+      at = i;
+    }
+  }
+  *cost = 4.0f * best;
+  return at;
+}
+
+float exact_distance(const Tables& tb, const Target& tg, int c) {
+  float cost;
+  flip_at(tb, tg, c, &cost);
+  return tg.bound[c] + cost;
+}
+
+// The 16-bit E8P index of class c with the target's signs, parity-fixed (layout: codec/e8.py).
+int32_t class_index(const Tables& tb, const Target& tg, int c) {
+  const int s = c / kPatterns;
+  float cost;
+  const int flip = flip_at(tb, tg, c, &cost);
+  int32_t index = (c % kPatterns) | (s << 15);
+  for (int i = 0; i < kGroup - 1; ++i) {
+    const bool neg = tg.negative[s][i] != (i == flip);
+    index |= static_cast<int32_t>(neg) << (8 + i);
+  }
+  return index;
+}
+
+void decode_e8p(const Tables& tb, int32_t index, float* out) {
+  const int p = index & 0xFF;
+  int negatives = 0;
+  const float shift = (index >> 15) & 1 ? -0.25f : 0.25f;
+  for (int i = 0; i < kGroup - 1; ++i) {
+    const int neg = (index >> (8 + i)) & 1;
+    negatives += neg;
+    out[i] = (neg ? -tb.pattern[p][i] : tb.pattern[p][i]) + shift;
+  }
+  const int neg_last = (negatives + tb.parity[p]) & 1;
+  out[kGroup - 1] = (neg_last ? -tb.pattern[p][kGroup - 1] : tb.pattern[p][kGroup - 1]) + shift;
+}
+
+// Nearest point of D8 (integer vectors with an even sum), rounding half to even like torch.round.
+void nearest_d8(const float* t, float* out) {
+  int sum = 0, worst = 0;
+  float worst_error = -1.0f;
+  for (int i = 0; i < kGroup; ++i) {
+    out[i] = std::nearbyint(t[i]);
+    sum += static_cast<int>(out[i]);
+    const float e = std::fabs(t[i] - out[i]);
+    if (e > worst_error) {
+      worst_error = e;
+      worst = i;
+    }
+  }
+  if (sum & 1) out[worst] += t[worst] - out[worst] > 0.0f ? 1.0f : -1.0f;
+}
+
+// Nearest point y of the lattice E8 + 1/4 (Conway-Sloane: the closer of D8 + 1/4 and D8 + 3/4). Returns whether y
+// lies in D8 + 3/4, i.e. y - 1/4 is half-integer.
+bool nearest_lattice(const float* u, float* y) {
+  float t[kGroup], shifted[kGroup], a[kGroup], b[kGroup];
+  for (int i = 0; i < kGroup; ++i) {
+    t[i] = u[i] - 0.25f;
+    shifted[i] = t[i] - 0.5f;
+  }
+  nearest_d8(t, a);
+  nearest_d8(shifted, b);
+  float da = 0.0f, db = 0.0f;
+  for (int i = 0; i < kGroup; ++i) {
+    b[i] += 0.5f;
+    da += (t[i] - a[i]) * (t[i] - a[i]);
+    db += (t[i] - b[i]) * (t[i] - b[i]);
+  }
+  const bool half = !(da <= db);
+  for (int i = 0; i < kGroup; ++i) y[i] = (half ? b[i] : a[i]) + 0.25f;
+  return half;
+}
+
+// E8P index of the nearest lattice point, or -1 when that point is not an E8P codeword. E8P is a subset of the
+// lattice, so a codeword found here is the nearest codeword.
+int32_t lattice_e8p_index(const float* u, const int64_t* lookup) {
+  float y[kGroup];
+  const bool plus = nearest_lattice(u, y);
+  // base = y - 1/4 (shift +1/4) when half-integer, else y + 1/4 (shift -1/4): a point of D8^.
+  int64_t key = 0, weight = 1;
+  int32_t signs = 0;
+  for (int i = 0; i < kGroup; ++i, weight *= 4) {
+    const float base = plus ? y[i] - 0.25f : y[i] + 0.25f;
+    const int digit = static_cast<int>(std::nearbyint(std::fabs(base) - 0.5f));
+    if (digit < 0 || digit > 3) return -1;
+    key += digit * weight;
+    if (i < kGroup - 1 && base < 0.0f) signs |= 1 << (8 + i);
+  }
+  const int64_t pattern = lookup[key];
+  if (pattern < 0) return -1;
+  return static_cast<int32_t>(pattern) | signs | (plus ? 0 : 1 << 15);
+}
+
+// First minimum of the exact distance over the 512 classes; a class whose bound is no smaller than the best exact
+// distance so far cannot beat it and is skipped.
+int exhaustive_class(const Tables& tb, const Target& tg) {
+  int best = 0;
+  float best_distance = exact_distance(tb, tg, 0);
+  for (int c = 1; c < kClasses; ++c) {
+    if (!(tg.bound[c] < best_distance)) continue;
+    const float d = exact_distance(tb, tg, c);
+    if (d < best_distance) {
+      best_distance = d;
+      best = c;
+    }
+  }
+  return best;
+}
+
+// Keeps `top` (`count` entries, at most kTopK+1) the sorted indices of the smallest values offered so far.
+inline __attribute__((always_inline)) void offer(const float* values, int c, int* top, int& count) {
+  if (count == kTopK + 1 && !(values[c] < values[top[kTopK]])) return;
+  int j = count < kTopK + 1 ? count++ : kTopK;
+  while (j > 0 && values[c] < values[top[j - 1]]) {
+    top[j] = top[j - 1];
+    --j;
+  }
+  top[j] = c;
+}
+
+// The kTopK+1 smallest of the 512 bounds, ascending: each lies in one of the kTopK+1 blocks of 8 classes with the
+// smallest minima, so only those 72 classes are ranked (the torch path's `_smallest` does the same).
+void smallest_bounds(const float* bound, int* top) {
+  constexpr int kBlocks = kClasses / kGroup;
+  float block_min[kBlocks];
+  for (int b = 0; b < kBlocks; ++b) {
+    float m = bound[b * kGroup];
+    for (int i = 1; i < kGroup; ++i) m = bound[b * kGroup + i] < m ? bound[b * kGroup + i] : m;
+    block_min[b] = m;
+  }
+  int blocks[kTopK + 1], count = 0;
+  for (int b = 0; b < kBlocks; ++b) offer(block_min, b, blocks, count);
+  count = 0;
+  for (int k = 0; k < kTopK + 1; ++k) {
+    for (int i = 0; i < kGroup; ++i) offer(bound, blocks[k] * kGroup + i, top, count);
+  }
+}
+
+// `beam` stage-1 candidates, nearest first, chosen like codec/e8.py's e8p_candidates: the kTopK classes with the
+// lowest bounds, ordered by exact distance; the first is replaced by the exhaustive nearest when the (kTopK+1)-th
+// bound does not certify it.
+void e8p_candidates(const Tables& tb, const float* u, int beam, Target& tg, int32_t* out) {
+  score_bounds(tb, u, tg);
+  int top[kTopK + 1];
+  smallest_bounds(tg.bound, top);
+  int order[kTopK];
+  float exact[kTopK];
+  for (int k = 0; k < kTopK; ++k) {
+    const float d = exact_distance(tb, tg, top[k]);
+    int j = k;
+    while (j > 0 && d < exact[j - 1]) {
+      order[j] = order[j - 1];
+      exact[j] = exact[j - 1];
+      --j;
+    }
+    order[j] = top[k];
+    exact[j] = d;
+  }
+  for (int b = 0; b < beam; ++b) out[b] = class_index(tb, tg, order[b]);
+  if (tg.bound[top[kTopK]] < exact[0]) out[0] = class_index(tb, tg, exhaustive_class(tb, tg));
+}
+
+// Exact nearest E8P codeword: the lattice point when it is a codeword, else the first minimum of the exact distance
+// over the 512 classes, skipping those whose bound cannot beat the best so far.
+int32_t nearest_e8p(const Tables& tb, const float* u, Target& tg) {
+  const int32_t fast = lattice_e8p_index(u, tb.lookup);
+  if (fast >= 0) return fast;
+  score_bounds(tb, u, tg);
+  return class_index(tb, tg, exhaustive_class(tb, tg));
+}
+
+NQ_HOT int32_t nearest_res8(const Tables& tb, const float* r) {
+  float score[kPatterns];
+  for (int j = 0; j < kPatterns; ++j) score[j] = 0.0f;
+  for (int i = 0; i < kGroup; ++i) {
+    for (int j = 0; j < kPatterns; ++j) score[j] += r[i] * tb.res8_t[i][j];
+  }
+  int best = 0;
+  float best_score = tb.res8_norm[0] - 2.0f * score[0];
+  for (int j = 1; j < kPatterns; ++j) {
+    const float v = tb.res8_norm[j] - 2.0f * score[j];
+    if (v < best_score) {
+      best_score = v;
+      best = j;
+    }
+  }
+  return best;
+}
+
+// Codes one 8-dim unit-scale group; writes its stage indices and decoded point.
+void code_group(const Tables& tb, const Config& cfg, const float* u, Target& tg, int32_t* code1,
+                int32_t* code2, float* decoded) {
+  if (cfg.bits == 2) {
+    *code1 = nearest_e8p(tb, u, tg);
+    decode_e8p(tb, *code1, decoded);
+    return;
+  }
+  if (cfg.bits == 4) {
+    float point[kGroup], residual[kGroup], second[kGroup];
+    *code1 = nearest_e8p(tb, u, tg);
+    decode_e8p(tb, *code1, point);
+    for (int i = 0; i < kGroup; ++i) residual[i] = (u[i] - point[i]) / cfg.step2;
+    *code2 = nearest_e8p(tb, residual, tg);
+    decode_e8p(tb, *code2, second);
+    for (int i = 0; i < kGroup; ++i) decoded[i] = point[i] + second[i] * cfg.step2;
+    return;
+  }
+  int32_t candidates[kMaxBeam];
+  e8p_candidates(tb, u, cfg.beam, tg, candidates);
+  float best_error = std::numeric_limits<float>::infinity();
+  for (int b = 0; b < cfg.beam; ++b) {
+    float point[kGroup], residual[kGroup], sum[kGroup];
+    decode_e8p(tb, candidates[b], point);
+    for (int i = 0; i < kGroup; ++i) residual[i] = (u[i] - point[i]) / cfg.step2;
+    const int32_t j = nearest_res8(tb, residual);
+    float error = 0.0f;
+    for (int i = 0; i < kGroup; ++i) {
+      sum[i] = point[i] + tb.res8[j][i] * cfg.step2;
+      error += (u[i] - sum[i]) * (u[i] - sum[i]);
+    }
+    if (b == 0 || error < best_error) {  // a NaN input keeps candidate 0
+      best_error = error;
+      *code1 = candidates[b];
+      *code2 = j;
+      for (int i = 0; i < kGroup; ++i) decoded[i] = sum[i];
+    }
+  }
+}
+
+float round_to_fp16(float x) { return static_cast<float>(static_cast<_Float16>(x)); }
+
+}  // namespace
+
+extern "C" {
+
+// Quantizes rows [row_begin, row_end) of x (float32 [n, d], rotated vectors) -> stage indices (int32 [n, d/8] each;
+// code2 unused at 2 bits) and fp16 scales (as float16 [n]). Tables: E8P patterns [256, 8], their parity [256],
+// RES8 points [256, 8]; scale_c: the m candidate multipliers of rms(x).
+void nq_e8_quantize(const float* x, int64_t row_begin, int64_t row_end, int64_t d, int bits, int beam,
+                    float step2, const float* scale_c, int m, const float* patterns, const int64_t* parity,
+                    const float* res8, const int64_t* lookup, int32_t* code1, int32_t* code2,
+                    _Float16* scale_out) {
+  Tables tb;  // rebuilt per call (~4K stores): the caller's tables are the single source of every codeword
+  tb.lookup = lookup;
+  for (int p = 0; p < kPatterns; ++p) {
+    tb.pattern_norm[p] = 0.0f;
+    tb.res8_norm[p] = 0.0f;
+    tb.parity[p] = static_cast<int>(parity[p]);
+    for (int i = 0; i < kGroup; ++i) {
+      tb.pattern[p][i] = tb.pattern_t[i][p] = patterns[p * kGroup + i];
+      tb.res8[p][i] = tb.res8_t[i][p] = res8[p * kGroup + i];
+      tb.pattern_norm[p] += tb.pattern[p][i] * tb.pattern[p][i];
+      tb.res8_norm[p] += tb.res8[p][i] * tb.res8[p][i];
+    }
+  }
+  const Config cfg{bits, beam < kMaxBeam ? beam : kMaxBeam, step2};
+  const int64_t groups = d / kGroup;
+  Target tg;
+  float unit[kGroup], decoded_buf[kMaxDim];  // d <= kMaxDim (checked by the caller)
+  int32_t c1[kMaxDim / kGroup], c2[kMaxDim / kGroup] = {};
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const float* v = x + row * d;
+    float sq = 0.0f;
+    for (int64_t i = 0; i < d; ++i) sq += v[i] * v[i];
+    const float rms = std::sqrt(sq / static_cast<float>(d));
+    float best_error = 0.0f;
+    for (int k = 0; k < m; ++k) {
+      // NaN-propagating clamps (like torch's): a NaN vector gets a NaN scale and decodes to NaN.
+      const float raw = rms * scale_c[k];
+      const float search = raw < kTiny ? kTiny : raw;
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int i = 0; i < kGroup; ++i) unit[i] = v[g * kGroup + i] / search;
+        code_group(tb, cfg, unit, tg, &c1[g], &c2[g], &decoded_buf[g * kGroup]);
+      }
+      float xd = 0.0f, dd = 0.0f;
+      for (int64_t i = 0; i < d; ++i) {
+        xd += v[i] * decoded_buf[i];
+        dd += decoded_buf[i] * decoded_buf[i];
+      }
+      const float fitted = xd / dd;
+      const float refit = fitted > 0.0f ? fitted : search;
+      const float scale = round_to_fp16(refit > kFp16Max ? kFp16Max : refit);
+      float error = 0.0f;
+      for (int64_t i = 0; i < d; ++i) {
+        const float e = v[i] - decoded_buf[i] * scale;
+        error += e * e;
+      }
+      if (k == 0 || error < best_error) {
+        best_error = error;
+        scale_out[row] = static_cast<_Float16>(scale);
+        for (int64_t g = 0; g < groups; ++g) {
+          code1[row * groups + g] = c1[g];
+          code2[row * groups + g] = c2[g];
+        }
+      }
+    }
+  }
+}
+
+}  // extern "C"
