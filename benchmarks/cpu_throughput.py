@@ -16,7 +16,7 @@ import os
 import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-# The e8 store path runs the codec's reference encoder; a long prefill step can exceed vLLM's 300 s default.
+# A long e8 prefill step on a loaded machine can exceed vLLM's 300 s default.
 os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
 
 
