@@ -2,12 +2,14 @@
 
 import functools
 import json
+import math
 import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -16,7 +18,10 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from benchmarks.corpus import load_corpus_text
 from nexusquant_vllm.model_store import smollm2_path
 
-__all__ = ["QKV", "capture_qkv", "corpus_token_chunks", "load_corpus_text", "smollm2_path", "write_results"]
+__all__ = [
+    "QKV", "capture_qkv", "corpus_token_chunks", "load_corpus_text", "paired_delta", "shutdown_llm", "smollm2_path",
+    "write_results",
+]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CAPTURE_ATTENTION = "nexusquant_capture"
@@ -101,3 +106,21 @@ def replace_file(path: Path, text: str) -> None:
     staging = path.with_name(path.name + ".tmp")
     staging.write_text(text)
     os.replace(staging, path)
+
+
+def shutdown_llm(llm) -> None:
+    """Stop a ``vllm.LLM``'s engine core now, so that the next engine of the same script gets the memory and cores."""
+    import gc
+
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def paired_delta(nll: np.ndarray, ref: np.ndarray, n_tokens: int, reps: int = 2000, seed: int = 0):
+    """ΔPPL = exp(ΣNLL/N - ΣNLL_ref/N) - 1, and a 95% bootstrap CI resampling chunks (paired)."""
+    diff = (nll - ref) / n_tokens
+    point = math.expm1(diff.mean())
+    rng = np.random.default_rng(seed)
+    boots = np.expm1(diff[rng.integers(0, len(diff), size=(reps, len(diff)))].mean(axis=1))
+    return point, float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))

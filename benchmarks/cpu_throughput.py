@@ -11,7 +11,6 @@ Writes results/cpu_throughput.{json,md}.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import time
 
@@ -23,6 +22,8 @@ os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
 def measure(model: str, dtype: str, prompts: list[list[int]], new_tokens: int) -> dict:
     from vllm import LLM, SamplingParams, TokensPrompt
 
+    from benchmarks.common import shutdown_llm
+
     llm = LLM(model=model, kv_cache_dtype=dtype, max_model_len=2048, enforce_eager=True, seed=0,
               enable_prefix_caching=False, max_num_seqs=len(prompts), disable_log_stats=False)
     t0 = time.perf_counter()
@@ -32,9 +33,7 @@ def measure(model: str, dtype: str, prompts: list[list[int]], new_tokens: int) -
     assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
     first = [o.metrics.first_token_ts for o in outs]
     last = [o.metrics.last_token_ts for o in outs]
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+    shutdown_llm(llm)
     i = max(range(len(outs)), key=lambda j: first[j])  # the last request to finish prefill
     decode_s = last[i] - first[i]
     return {"dtype": dtype, "wall_s": wall, "first_token_ts": first, "last_token_ts": last,

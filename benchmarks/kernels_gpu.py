@@ -112,19 +112,19 @@ def decode_cases(args, device: str, copy_bw: float) -> list[dict]:
             for name in args.dtypes:
                 fmt = get_format(name, D)
                 cache = random_e8_cache(fmt, num_blocks, device)
-                ms = bench(lambda: decode_attention(q, cache, table, lens, D**-0.5, fmt, max_seq_len=ctx), device)
+                ms = bench(lambda cache=cache: decode_attention(q, cache, table, lens, D**-0.5, fmt, max_seq_len=ctx), device)
                 nbytes = batch * ctx * HK * fmt.slot_bytes + table_bytes
                 rows.append(_row(name, batch, ctx, ms, nbytes, copy_bw))
                 del cache
             kv = torch.randn(num_blocks, HK, PAGE, 2 * D, device=device, dtype=torch.bfloat16)
-            ms = bench(lambda: decode_attention(q, kv, table, lens, D**-0.5, None, max_seq_len=ctx), device)
+            ms = bench(lambda kv=kv: decode_attention(q, kv, table, lens, D**-0.5, None, max_seq_len=ctx), device)
             rows.append(_row("bf16-paged", batch, ctx, ms, batch * ctx * HK * 4 * D + table_bytes, copy_bw))
             del kv
             k = torch.randn(batch, HK, ctx, D, device=device, dtype=torch.bfloat16)
             v = torch.randn_like(k)
             q4 = q[:, :, None]
             sdpa = torch.nn.functional.scaled_dot_product_attention
-            ms = bench(lambda: sdpa(q4, k, v, enable_gqa=True), device)
+            ms = bench(lambda k=k, v=v: sdpa(q4, k, v, enable_gqa=True), device)
             rows.append(_row("bf16-sdpa-contiguous", batch, ctx, ms, 2 * k.numel() * 2, copy_bw))
             del k, v
             print(" | ".join(f"{r['kernel']} {r['ms']:.3f} ms" for r in rows[-len(args.dtypes) - 2:]), f"[b{batch} ctx{ctx}]")

@@ -17,12 +17,13 @@ layers (protected boundary layers count at 16 bits). Also each e8 dtype paired d
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import os
 import time
 
 import numpy as np
+
+from benchmarks.common import paired_delta, shutdown_llm
 
 # Benchmark-only: also register the scalar baseline dtypes (scalar-k3v2, ...). Must be set before vLLM loads the
 # plugin, and is inherited by vLLM's spawned processes.
@@ -64,19 +65,8 @@ def chunk_nll(model: str, dtype: str, chunks: list[list[int]], batch_tokens: int
         -sum(out.prompt_logprobs[i][c[i]].logprob for i in range(batch_tokens, len(c)))
         for out, c in zip(outs, chunks)
     ])
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+    shutdown_llm(llm)
     return nll, wall
-
-
-def paired_delta(nll: np.ndarray, ref: np.ndarray, n_tokens: int, reps: int = 2000, seed: int = 0):
-    """ΔPPL = exp(ΣNLL/N - ΣNLL_ref/N) - 1, and a 95% bootstrap CI resampling chunks (paired)."""
-    diff = (nll - ref) / n_tokens
-    point = math.expm1(diff.mean())
-    rng = np.random.default_rng(seed)
-    boots = np.expm1(diff[rng.integers(0, len(diff), size=(reps, len(diff)))].mean(axis=1))
-    return point, float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
 def plot(rows: list[dict], path) -> None:

@@ -1,6 +1,8 @@
 """Prefill-time eviction through vLLM (CPU, SmolLM2-135M, e8-k3v2, block size 32): exact free-block accounting, the
-worker's block table mirrors the scheduler, generation stays coherent, aborts and preemption leak nothing, invalid
-rates are refused with clear errors.
+worker's block table mirrors the scheduler, generation stays coherent (also in a second chat turn served from
+evicted prefix-cache blocks), aborts and preemption leak nothing, an eviction point inside the prompt
+(``nq_eviction_at``) evicts before the rest of the prompt is computed, the stats reach vLLM's Prometheus metrics,
+invalid values are refused with clear errors.
 
 One in-process engine (so the scheduler's block pool and the worker's tables are visible) serves every engine test.
 """
@@ -15,6 +17,7 @@ from nexusquant_vllm.vllm_glue.plugin import register
 register()
 
 BLOCK_SIZE = 32
+CHUNK = 512  # max_num_batched_tokens
 NUM_BLOCKS = 36  # x 32 tokens: four ~290-token requests decoding 96 tokens each cannot all fit: preemption
 FACTS = [
     "The harbour town of Velmora was founded by fishermen who traded salted cod with the northern islands.",
@@ -38,7 +41,8 @@ def engine(model_path, llm_factory):
     with llm_factory(
         model_path, "e8-k3v2", in_process=True, max_model_len=1088, block_size=BLOCK_SIZE,
         num_gpu_blocks_override=NUM_BLOCKS, max_num_seqs=4, enable_prefix_caching=True,
-        max_num_batched_tokens=512,  # long prompts prefill in chunks: scores read the earlier chunks from pages
+        max_num_batched_tokens=CHUNK,  # long prompts prefill in chunks: scores read the earlier chunks from pages
+        disable_log_stats=False,  # vLLM's stat loggers, Prometheus included, run in this process
         kv_transfer_config=kv_transfer_config("lossless", min_prompt_tokens=256),
     ) as llm:
         core = llm.llm_engine.engine_core.engine_core
@@ -51,16 +55,24 @@ def engine(model_path, llm_factory):
         }
 
 
-def _sp(rate, max_tokens=24, **kw):
+def _sp(rate, max_tokens=24, at=None, **kw):
     from vllm import SamplingParams
 
     extra = {} if rate is None else {"nq_eviction": rate}
+    if at is not None:
+        extra["nq_eviction_at"] = at
     return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, extra_args=extra, **kw)
 
 
 def _event(connector, req_id):
     """The eviction event of a request (vLLM suffixes the user's request id internally)."""
     return next((e for e in connector.events if e["req_id"] == req_id or e["req_id"].startswith(req_id + "-")), None)
+
+
+def _assert_fluent(text: str) -> None:
+    words = text.split()
+    assert len(words) >= 10 and len(set(words)) >= 5, text  # fluent text, not a repeated token
+    assert sum(c.isalpha() or c.isspace() for c in text) >= 0.8 * len(text), text
 
 
 def _step_until_evicted(engine, req_id, max_steps=50):
@@ -72,10 +84,25 @@ def _step_until_evicted(engine, req_id, max_steps=50):
     raise AssertionError(f"{req_id} was never evicted")
 
 
+PROM_SAMPLES = ("vllm:nq_eviction_tokens_evicted_sum", "vllm:nq_eviction_blocks_freed_sum",
+                "vllm:nq_eviction_blocks_freed_count")
+
+
+def _prom_totals() -> list[float]:
+    """The eviction histograms' samples in the Prometheus registry that a server's /metrics serves."""
+    from prometheus_client import REGISTRY
+
+    samples = [s for metric in REGISTRY.collect() for s in metric.samples]
+    return [sum(s.value for s in samples if s.name == name) for name in PROM_SAMPLES]
+
+
 def test_free_blocks_rise_by_exactly_the_freed_blocks_and_worker_mirrors(engine):
+    """Also: the request's stats reach vLLM's Prometheus stat logger through the KV-connector stats channel (the
+    histograms' sums and count grow by exactly this request's stats)."""
     llm_engine, pool, scheduler, runner = (engine[k] for k in ("llm", "pool", "scheduler", "runner"))
     llm_engine = llm_engine.llm_engine
     free_start = pool.get_num_free_blocks()
+    prom_before = _prom_totals()
     llm_engine.add_request("acct", long_prompt(13, "A. "), _sp(0.35, max_tokens=8))
     event = _step_until_evicted(engine, "acct")
     rid = event["req_id"]
@@ -99,6 +126,8 @@ def test_free_blocks_rise_by_exactly_the_freed_blocks_and_worker_mirrors(engine)
         outs += [o for o in llm_engine.step() if o.finished]
     assert outs[0].kv_transfer_params["nq_eviction"]["blocks_freed"] == len(event["blocks"])
     assert pool.get_num_free_blocks() == free_start
+    prom_delta = [a - b for a, b in zip(_prom_totals(), prom_before)]
+    assert prom_delta == [event["tokens_evicted"], event["blocks_freed"], 1]
     print(f"\nfree blocks back to {free_start}; eviction event {event}")
 
 
@@ -116,9 +145,7 @@ def test_generation_coherent_after_35_percent_eviction(engine):
     assert stats["tokens_evicted"] >= 0.3 * n_prompt, stats
     ref_text, ev_text = ref.outputs[0].text, ev.outputs[0].text
     print(f"\n[lossless] {ref_text!r}\n[35%: {stats}] {ev_text!r}")
-    words = ev_text.split()
-    assert len(words) >= 10 and len(set(words)) >= 5, ev_text  # fluent text, not a repeated token
-    assert sum(c.isalpha() or c.isspace() for c in ev_text) >= 0.8 * len(ev_text)
+    _assert_fluent(ev_text)
     common = 0
     for a, b in zip(ref.outputs[0].token_ids, ev.outputs[0].token_ids):
         if a != b:
@@ -183,12 +210,89 @@ def test_prefix_cache_never_serves_post_eviction_blocks(engine):
     assert second.num_cached_tokens <= (len(prompt_ids) // BLOCK_SIZE) * BLOCK_SIZE, second.num_cached_tokens
 
 
-@pytest.mark.parametrize("value", ["lots", 1.5, -0.2, True, [0.3]])
-def test_invalid_per_request_value_is_refused(value):
-    from vllm import SamplingParams
+def test_multi_turn_resend_hits_evicted_blocks_and_stays_coherent(engine):
+    """Turn 2 resends turn 1's prompt and answer plus a new question: its prefix-cache hit covers all of turn 1's full
+    prompt blocks, the evicted ones included (freed with their hash, their KV computed over the full context), and it
+    evicts again over its own longer prompt; the answer stays fluent and no block leaks."""
+    from vllm import TokensPrompt
 
-    with pytest.raises(Exception, match="nq_eviction"):
-        SamplingParams(extra_args={"nq_eviction": value})
+    llm, pool = engine["llm"], engine["pool"]
+    tok = llm.get_tokenizer()
+    free_start = pool.get_num_free_blocks()
+    turn1_ids = tok(long_prompt(26, "M. ")).input_ids
+    turn1 = llm.generate([TokensPrompt(prompt_token_ids=turn1_ids)], _sp(0.6, max_tokens=16))[0]
+    assert turn1.kv_transfer_params["nq_eviction"]["blocks_freed"] > 0
+    assert pool.get_num_free_blocks() == free_start
+    question = tok("\nQuestion: what was rebuilt in 1887, and why? Answer:", add_special_tokens=False).input_ids
+    turn2_ids = turn1_ids + list(turn1.outputs[0].token_ids) + question
+    turn2 = llm.generate([TokensPrompt(prompt_token_ids=turn2_ids)], _sp(0.6, max_tokens=24))[0]
+    stats = turn2.kv_transfer_params["nq_eviction"]
+    print(f"\n[turn 1] {turn1.outputs[0].text!r}\n[turn 2: cached {turn2.num_cached_tokens}, {stats}] "
+          f"{turn2.outputs[0].text!r}")
+    assert turn2.num_cached_tokens == (len(turn1_ids) // BLOCK_SIZE) * BLOCK_SIZE
+    assert stats["blocks_freed"] > 0 and stats["prompt_tokens"] == len(turn2_ids)
+    _assert_fluent(turn2.outputs[0].text)
+    assert pool.get_num_free_blocks() == free_start
+
+
+def test_eviction_point_teacher_forces_the_rest_of_the_prompt_over_the_evicted_cache(engine):
+    """``nq_eviction_at`` = one chunk: the first chunk's prompt logprobs are those of a run without eviction, the
+    tokens after it are computed over the evicted cache (their logprobs change), and the blocks are freed."""
+    from vllm import TokensPrompt
+
+    llm, connector = engine["llm"], engine["connector"]
+    ids = llm.get_tokenizer()(long_prompt(28, "E. ")).input_ids
+    assert len(ids) > CHUNK + 32, len(ids)
+
+    def prompt_logprobs(sp) -> tuple[list[float], object]:
+        out = llm.generate([TokensPrompt(prompt_token_ids=ids)], sp)[0]  # prompt_logprobs: no prefix-cache reads
+        return [out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))], out
+
+    ref, _ = prompt_logprobs(_sp(0.0, max_tokens=1, prompt_logprobs=0))
+    got, out = prompt_logprobs(_sp(0.6, max_tokens=1, at=CHUNK, prompt_logprobs=0))
+    stats = out.kv_transfer_params["nq_eviction"]
+    assert stats["evicted_at"] == stats["computed_before_eviction"] == CHUNK, stats
+    assert stats["blocks_freed"] == int(0.6 * CHUNK) // BLOCK_SIZE and stats["prompt_tokens"] == len(ids)
+    assert max(b for b in _event(connector, out.request_id)["blocks"]) < (CHUNK - 32) // BLOCK_SIZE
+    before, after = slice(0, CHUNK), slice(CHUNK, None)  # logprob j: token j + 1, from position j's logits
+    assert got[before] == pytest.approx(ref[before], abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(got[after], ref[after])) > 1e-2
+    print(f"\nmean NLL after the eviction point: {-sum(ref[after]) / len(ref[after]):.3f} without eviction, "
+          f"{-sum(got[after]) / len(got[after]):.3f} with 60% of the first {CHUNK} tokens evicted")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("nq_eviction", "lots"), ("nq_eviction", 1.5), ("nq_eviction", -0.2), ("nq_eviction", True),
+    ("nq_eviction", [0.3]), ("nq_eviction_at", 0), ("nq_eviction_at", 12.5), ("nq_eviction_at", True),
+    ("nq_eviction_at", "512"), ("nq_eviction_protect", [[5, 2]]),
+])
+def test_invalid_per_request_value_is_refused(field, value):
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match=field) as error:
+        SamplingParams(extra_args={field: value})
+    assert error.value.parameter == field
+
+
+def test_eviction_point_defaults_to_the_whole_prompt_and_is_capped_by_it():
+    from nexusquant_vllm.vllm_glue.eviction.params import eviction_point
+
+    assert eviction_point(None, 700) == 700
+    assert eviction_point({"nq_eviction": 0.6}, 700) == 700
+    assert eviction_point({"nq_eviction_at": 512}, 700) == 512
+    assert eviction_point({"nq_eviction_at": 4096}, 700) == 700
+
+
+def test_eviction_stats_aggregate_and_reduce():
+    from nexusquant_vllm.vllm_glue.eviction.metrics import EvictionStats
+
+    a, b = EvictionStats(), EvictionStats()
+    a.record({"prompt_tokens": 600, "tokens_evicted": 192, "blocks_freed": 6, "rate": 0.35})
+    b.record({"prompt_tokens": 1000, "tokens_evicted": 576, "blocks_freed": 18})
+    assert EvictionStats().is_empty() and not a.is_empty()
+    merged = a.aggregate(EvictionStats(data=b.to_dict()))  # as rebuilt from the IPC payload
+    assert merged.reduce() == {"requests": 2, "prompt_tokens": 1600, "tokens_evicted": 768, "blocks_freed": 24}
 
 
 def test_invalid_server_default_and_env_are_refused(monkeypatch):
