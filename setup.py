@@ -42,7 +42,8 @@ setup(
         "cuda": ["vllm"],
         # GgufConfig(dequantize=True), which model_store needs, is the transformers 5 API.
         "model": ["transformers>=5.19,<6", "gguf", "accelerate"],
-        "test": ["pytest", "hypothesis", "matplotlib"],
+        # httpx, psutil, prometheus_client: the soak (benchmarks/soak.py, tests/reliability); vLLM pulls them in too.
+        "test": ["pytest", "hypothesis", "matplotlib", "httpx", "psutil", "prometheus_client"],
     },
     entry_points={
         "vllm.general_plugins": ["nexusquant = nexusquant_vllm.vllm_glue.plugin:register"],

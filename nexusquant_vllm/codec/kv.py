@@ -29,8 +29,11 @@ Quantizer = Callable[[torch.Tensor, int], tuple[list[torch.Tensor], torch.Tensor
 def encode_vectors(x: torch.Tensor, bits: int, quantizer: Quantizer = quantize) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate and code vectors ``[..., d]`` -> (uint8 codes ``[..., d/8 * bits]``, fp16 scales ``[...]``).
 
-    ``quantizer`` is ``quantizer.quantize`` (the torch reference) or a kernel with its signature and output."""
+    ``quantizer`` is ``quantizer.quantize`` (the torch reference) or a kernel with its signature and output.
+    A vector holding NaN or inf gets a NaN scale, so it decodes to NaN (the rotation spreads a lone inf over the
+    whole vector, whose search scale would otherwise saturate into plausible finite values)."""
     codes, scale = quantizer(rotate(x), bits)
+    scale = scale.masked_fill(~torch.isfinite(x).all(-1), float("nan"))
     return pack_codes(codes, bits), scale
 
 

@@ -1,8 +1,10 @@
-"""Every unsupported input fails at startup with one clear error (no engine is started)."""
+"""Every unsupported input fails with one clear error: at startup (no engine is started) for dtype names and models;
+over HTTP with a 400 naming the field for bad requests, after which the same server keeps serving."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import types
 from pathlib import Path
@@ -51,6 +53,25 @@ def test_unknown_e8_name_on_the_command_line(capsys):
     assert "e8-k9v9" in err and "e8-k3v2" in err
 
 
+@pytest.mark.parametrize("name", ["e8-", "e8-k3v2 ", "e8-k3v2\n", "e8-k3", "e8-k3v2-fast"])
+def test_malformed_e8_names_are_refused_by_name(model_path, name):
+    message = (f"unknown nexusquant KV-cache dtype {name!r}; valid e8 dtypes: e8-k3v2, e8-k2v2, e8-k4v2, e8-k3v3, "
+               "e8-k4v4 (default e8-k3v2)")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        _engine_config(model_path, name)
+
+
+@pytest.mark.parametrize("name", ["E8-K3V2", " e8-k3v2", "e8_k3v2", "e8"])
+def test_names_outside_the_e8_prefix_get_vllms_error(model_path, name):
+    """Like vLLM's own names (``FP8`` is refused too), dtype names are case-sensitive and not stripped: vLLM's
+    validation refuses them, listing the valid values, e8 ones included."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"(?s)cache_dtype.*Input should be .*'e8-k3v2'") as error:
+        _engine_config(model_path, name)
+    assert f"input_value={name!r}" in str(error.value)
+
+
 def test_head_dim_not_multiple_of_8(tmp_path, model_path):
     # 9 query heads x 60 = 540 != hidden 576 is fine for a config-only check.
     with pytest.raises(ValueError, match="head_dim 60 is not a multiple of 8"):
@@ -83,6 +104,23 @@ def test_unsupported_model_dtype():
     )
     with pytest.raises(ValueError, match="model dtype torch.float8_e4m3fn is not supported"):
         check_model(cfg)
+
+
+def test_every_problem_of_a_model_in_one_error():
+    from nexusquant_vllm.vllm_glue.startup import check_model
+
+    cfg = types.SimpleNamespace(
+        use_mla=True, dtype=torch.bfloat16, is_hybrid=True, get_head_size=lambda: 100,
+        get_sliding_window=lambda: 4096, hf_text_config=types.SimpleNamespace(layer_types=None),
+    )
+    with pytest.raises(ValueError) as error:
+        check_model(cfg)
+    assert str(error.value) == (
+        "nexusquant e8 KV cache cannot serve this model: MLA attention (compressed latent KV) is not supported; use a "
+        "model with standard attention; head_dim 100 is not a multiple of 8 (E8 codes 8-element groups); hybrid models "
+        "(attention + Mamba/linear attention) are not supported; sliding-window attention layers are not supported "
+        "(refused rather than silently skipped)"
+    )
 
 
 def test_protected_layer_syntax():
@@ -123,3 +161,127 @@ def test_enum_default_path_resolves():
     from nexusquant_vllm.vllm_glue.backend import backend_for
 
     assert AttentionBackendEnum["NEXUSQUANT"].get_class() is backend_for("e8-k3v2")
+
+
+# ---- over HTTP: one server (e8-k3v2, eviction connector on) answers every bad request with a 400 naming the field ----
+
+HTTP_MAX_MODEL_LEN = 256
+RATE_ERROR = "nq_eviction must be a number in [0, 1) or one of ['lossless', 'conservative', 'balanced', 'aggressive']"
+PROTECT_ERROR = ("nq_eviction_protect must be a list of [start, end) token ranges with 0 <= start <= end (nested, or "
+                 "flat [s0, e0, s1, e1, ...])")
+
+
+@pytest.fixture(scope="module")
+def server(model_path, tmp_path_factory):
+    from benchmarks.soak import launch_server
+
+    from nexusquant_vllm.vllm_glue.eviction import kv_transfer_config
+
+    args = ["--kv-cache-dtype", "e8-k3v2", "--max-model-len", str(HTTP_MAX_MODEL_LEN), "--enforce-eager",
+            "--kv-transfer-config", json.dumps(kv_transfer_config("lossless"))]
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with launch_server(model_path, args, log, {"VLLM_CPU_KVCACHE_SPACE": "1"}) as srv:
+        yield srv
+
+
+def _complete(server, prompt="The capital of France is", **body):
+    import httpx
+
+    body = {"model": "smol", "prompt": prompt, "max_tokens": 2, "temperature": 0, **body}
+    return httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+
+
+def _assert_400(resp, param: str, message: str) -> None:
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+
+
+@pytest.mark.parametrize("xargs,param,message", [
+    ({"nq_eviction": -0.5}, "nq_eviction", "nq_eviction must be in [0, 1), got -0.5"),
+    ({"nq_eviction": 1.5}, "nq_eviction", "nq_eviction must be in [0, 1), got 1.5"),
+    ({"nq_eviction": 1}, "nq_eviction", "nq_eviction must be in [0, 1), got 1.0"),
+    ({"nq_eviction": "nan"}, "nq_eviction", "nq_eviction must be in [0, 1), got nan"),
+    ({"nq_eviction": "abc"}, "nq_eviction", f"{RATE_ERROR}, got 'abc'"),
+    ({"nq_eviction": "ultra"}, "nq_eviction", f"{RATE_ERROR}, got 'ultra'"),  # unknown preset
+    ({"nq_eviction": [0.1]}, "nq_eviction", f"{RATE_ERROR}, got [0.1]"),
+    ({"nq_eviction": True}, "nq_eviction", "nq_eviction must be in [0, 1), got 1.0"),  # vLLM's schema makes it 1
+    ({"nq_eviction_protect": [9, 3]}, "nq_eviction_protect", f"{PROTECT_ERROR}, got [9, 3]"),
+    ({"nq_eviction_protect": [3, 9, 12]}, "nq_eviction_protect", f"{PROTECT_ERROR}, got [3, 9, 12]"),
+    ({"nq_eviction_protect": "0-10"}, "nq_eviction_protect", f"{PROTECT_ERROR}, got '0-10'"),
+    ({"nq_eviction_at": 0}, "nq_eviction_at", "nq_eviction_at must be a token count >= 1, got 0"),
+    ({"nq_eviction_at": "64"}, "nq_eviction_at", "nq_eviction_at must be a token count >= 1, got '64'"),
+    ({"nq_evction": 0.2}, "nq_evction", "unknown nexusquant request argument 'nq_evction'"),
+    ({"nq_eviction": "balanced", "nq_protect": [0, 4]}, "nq_protect", "unknown nexusquant request argument"),
+])
+def test_bad_eviction_args_are_a_400_naming_the_field(server, xargs, param, message):
+    _assert_400(_complete(server, vllm_xargs=xargs), param, message)
+
+
+@pytest.mark.parametrize("value", [{"a": 1}, None, [[5, 2]]])
+def test_values_outside_vllms_xargs_schema_are_a_400_naming_the_field(server, value):
+    """``vllm_xargs`` values may only be strings, numbers or flat lists of them (vLLM's request schema): anything
+    else is refused by vLLM before our validation, still naming the field."""
+    field = "nq_eviction_protect" if isinstance(value, list) else "nq_eviction"
+    resp = _complete(server, vllm_xargs={field: value})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == f"body.vllm_xargs.{field}", resp.text
+
+
+def test_valid_protected_ranges_over_http(server):
+    """vLLM's vllm_xargs schema has no nested lists, so ranges travel flat: [s0, e0, s1, e1, ...]."""
+    resp = _complete(server, vllm_xargs={"nq_eviction": "balanced", "nq_eviction_protect": [0, 4, 8, 12]})
+    assert resp.status_code == 200, resp.text
+
+
+def test_bad_eviction_arg_in_a_chat_request(server):
+    import httpx
+
+    body = {"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+            "vllm_xargs": {"nq_eviction": 2}}
+    _assert_400(httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120), "nq_eviction",
+                "nq_eviction must be in [0, 1), got 2.0")
+
+
+def test_other_extra_args_and_valid_values_are_accepted(server):
+    for xargs in ({"nq_eviction": "balanced"}, {"nq_eviction": 0.3, "nq_eviction_at": 8}, {"not_ours": [1, 2]}):
+        resp = _complete(server, vllm_xargs=xargs)
+        assert resp.status_code == 200 and resp.json()["choices"][0]["finish_reason"] == "length", resp.text
+
+
+def test_prompt_longer_than_max_model_len_is_a_400(server):
+    _assert_400(_complete(server, prompt=[42] * (HTTP_MAX_MODEL_LEN + 1)), "input_tokens",
+                f"This model's maximum context length is {HTTP_MAX_MODEL_LEN} tokens. However, your prompt contains "
+                f"at least {HTTP_MAX_MODEL_LEN + 1} input tokens")
+
+
+def test_max_tokens_past_max_model_len_is_clamped(server):
+    """vLLM 0.32 does not refuse prompt + max_tokens > max_model_len: it stops at max_model_len."""
+    resp = _complete(server, prompt=[42] * (HTTP_MAX_MODEL_LEN - 8), max_tokens=16)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] == 8 and resp.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_empty_prompts_are_a_400(server):
+    _assert_400(_complete(server, prompt=""), "prompt", "Either prompt or prompt_embeds must be provided and non-empty")
+    resp = _complete(server, prompt=[])
+    assert resp.status_code == 400 and resp.json()["error"]["message"] == "You must pass at least one prompt", resp.text
+
+
+def test_empty_chat_message_gets_an_answer(server):
+    """The chat template wraps an empty message in role tokens, so the prompt is not empty: vLLM answers."""
+    import httpx
+
+    body = {"model": "smol", "messages": [{"role": "user", "content": ""}], "max_tokens": 4, "temperature": 0}
+    resp = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+    assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] > 0, resp.text
+
+
+def test_server_still_serves_after_the_bad_requests(server):
+    """Runs last in this module: the same server process, healthy, answering greedily."""
+    import httpx
+
+    assert server.proc.poll() is None
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    resp = _complete(server, max_tokens=8)
+    assert resp.status_code == 200, resp.text
+    assert "Paris" in resp.json()["choices"][0]["text"]

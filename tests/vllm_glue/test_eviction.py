@@ -264,7 +264,7 @@ def test_eviction_point_teacher_forces_the_rest_of_the_prompt_over_the_evicted_c
 @pytest.mark.parametrize("field,value", [
     ("nq_eviction", "lots"), ("nq_eviction", 1.5), ("nq_eviction", -0.2), ("nq_eviction", True),
     ("nq_eviction", [0.3]), ("nq_eviction_at", 0), ("nq_eviction_at", 12.5), ("nq_eviction_at", True),
-    ("nq_eviction_at", "512"), ("nq_eviction_protect", [[5, 2]]),
+    ("nq_eviction_at", "512"), ("nq_eviction_protect", [[5, 2]]), ("nq_eviction_protect", [0, 4, 8]),
 ])
 def test_invalid_per_request_value_is_refused(field, value):
     from vllm import SamplingParams

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
 logger = init_logger("vllm.nexusquant.eviction")
 
 STATS_KEY = "nq_eviction"
+EVENTS_KEPT = 1024  # bounded: a server evicts for as long as it runs
 NULL_BLOCK_ID = 0
 
 
@@ -115,7 +117,7 @@ class NQEvictionConnector(KVConnectorBase_V1):
             self._requests: dict[str, _RequestState] = {}
             self._interval_stats = EvictionStats()
             self.num_blocks_freed = 0  # over the engine's life, for tests and benchmarks
-            self.events: list[dict[str, Any]] = []
+            self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)  # the latest evictions, for tests
         logger.info("nexusquant eviction connector (%s): server default %s", role.name, self.default_policy)
 
     @property

@@ -29,6 +29,7 @@ from nexusquant_vllm.eviction import EvictionPolicy, parse_rate
 EXTRA_ARG = "nq_eviction"
 PROTECT_ARG = "nq_eviction_protect"
 AT_ARG = "nq_eviction_at"
+ARG_PREFIX = "nq_"  # every per-request argument of nexusquant starts with it
 ENV = "NEXUSQUANT_EVICTION"
 CONNECTOR_NAME = "NQEvictionConnector"
 CONNECTOR_MODULE = "nexusquant_vllm.vllm_glue.eviction.connector"
@@ -62,17 +63,18 @@ def configure_engine_args(engine_args) -> None:
     engine_args.kv_transfer_config = KVTransferConfig(**kv_transfer_config(value))
 
 
-def validate_extra_args(extra_args: dict | None) -> None:
+def validate_extra_arg(key: object, value: object) -> None:
     """Raise ``ValueError`` naming the field for an invalid ``nq_eviction`` / ``nq_eviction_protect`` /
-    ``nq_eviction_at``."""
-    if not extra_args:
-        return
-    if EXTRA_ARG in extra_args:
-        parse_rate(extra_args[EXTRA_ARG], EXTRA_ARG)
-    if PROTECT_ARG in extra_args:
-        _parse_protected(extra_args[PROTECT_ARG])
-    if AT_ARG in extra_args:
-        _parse_at(extra_args[AT_ARG])
+    ``nq_eviction_at`` entry of ``extra_args``, or an unknown ``nq_*`` key: the prefix is ours, so a misspelt key
+    (``nq_evction``) is an error rather than silently ignored. Other keys belong to someone else and pass."""
+    if key == EXTRA_ARG:
+        parse_rate(value, EXTRA_ARG)
+    elif key == PROTECT_ARG:
+        _parse_protected(value)
+    elif key == AT_ARG:
+        _parse_at(value)
+    elif isinstance(key, str) and key.startswith(ARG_PREFIX):
+        raise ValueError(f"unknown nexusquant request argument {key!r}; known: {EXTRA_ARG}, {PROTECT_ARG}, {AT_ARG}")
 
 
 def eviction_point(extra_args: dict | None, num_prompt_tokens: int) -> int:
@@ -89,11 +91,20 @@ def _parse_at(value: object) -> int:
 
 
 def _parse_protected(value: object) -> tuple[tuple[int, int], ...]:
-    error = ValueError(f"{PROTECT_ARG} must be a list of [start, end) token ranges with 0 <= start <= end, got {value!r}")
+    """``[[s0, e0], [s1, e1], ...]`` or the flat ``[s0, e0, s1, e1, ...]``: vLLM's OpenAI ``vllm_xargs`` schema admits
+    only flat lists, so that is the form an HTTP request can send."""
+    error = ValueError(
+        f"{PROTECT_ARG} must be a list of [start, end) token ranges with 0 <= start <= end (nested, or flat "
+        f"[s0, e0, s1, e1, ...]), got {value!r}"
+    )
     if not isinstance(value, (list, tuple)):
         raise error
+    flat = len(value) > 0 and all(type(x) is int for x in value)
+    pairs = list(zip(value[::2], value[1::2])) if flat else value
+    if flat and len(value) % 2:
+        raise error
     ranges = []
-    for item in value:
+    for item in pairs:
         if not (isinstance(item, (list, tuple)) and len(item) == 2 and all(type(x) is int for x in item)):
             raise error
         if not 0 <= item[0] <= item[1]:
@@ -145,12 +156,11 @@ def install_request_validation() -> None:
     @functools.wraps(original)
     def _verify_extra_args(self) -> None:
         original(self)
-        try:
-            validate_extra_args(self.extra_args)
-        except ValueError as e:
-            # The longest matching name: every field name starts with EXTRA_ARG.
-            field = max((f for f in (EXTRA_ARG, PROTECT_ARG, AT_ARG) if f in str(e)), key=len, default=EXTRA_ARG)
-            raise VLLMValidationError(str(e), parameter=field, value=(self.extra_args or {}).get(field)) from None
+        for key, value in (self.extra_args or {}).items():
+            try:
+                validate_extra_arg(key, value)
+            except ValueError as e:
+                raise VLLMValidationError(str(e), parameter=key, value=value) from None
 
     setattr(_verify_extra_args, _VALIDATION_INSTALLED, True)
     SamplingParams._verify_extra_args = _verify_extra_args
