@@ -4,58 +4,19 @@ chat completions, streaming and not."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import requests
 
-STARTUP_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
-    port = _free_port()
+    from benchmarks.soak import launch_server
+
     log = tmp_path_factory.mktemp("server") / "server.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    cmd = [sys.executable, "-m", "nexusquant_vllm", "serve", model_path, "--kv-cache-dtype", "e8-k3v2",
-           "--max-model-len", "1024", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", "smol"]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-5000:]}")
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"server not up after {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-5000:]}")
-            time.sleep(2)
-        yield url, log
-    finally:
-        # The server and its engine/worker children share the session we started: stop exactly that group.
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    args = ["--kv-cache-dtype", "e8-k3v2", "--max-model-len", "1024", "--enforce-eager"]
+    with launch_server(model_path, args, log, {"VLLM_CPU_KVCACHE_SPACE": "1"}) as srv:
+        yield srv.url, log
 
 
 def _sse_text(resp, field) -> str:
