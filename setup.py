@@ -11,14 +11,18 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 
-# The native CPU E8 quantizer: a plain C ABI loaded through ctypes (nexusquant_vllm/native/e8_quantize.py), so it
-# builds with a C++ compiler alone (no torch headers, no build-time torch). Python never imports it as a module.
-NATIVE = Extension(
-    "nexusquant_vllm.native._e8_quantize_cpu",
-    sources=["csrc/e8_quantize_cpu.cpp"],
-    language="c++",
-    extra_compile_args=["-O3", "-std=c++17"],
-)
+# Native CPU kernels (the E8 quantizer, paged decode attention): plain C ABIs loaded through ctypes
+# (nexusquant_vllm/native/), so they build with a C++ compiler alone (no torch headers, no build-time torch).
+# Python never imports them as modules.
+NATIVE = [
+    Extension(
+        f"nexusquant_vllm.native.{name}",
+        sources=[f"csrc/{name.lstrip('_')}.cpp"],
+        language="c++",
+        extra_compile_args=["-O3", "-std=c++17"],
+    )
+    for name in ("_e8_quantize_cpu", "_e8_decode_attention_cpu")
+]
 
 
 def package_version() -> str:
@@ -34,7 +38,7 @@ setup(
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(exclude=["tests", "tests.*", "benchmarks", "benchmarks.*"]),
-    ext_modules=[NATIVE],
+    ext_modules=NATIVE,
     python_requires=">=3.10",
     install_requires=["torch", "triton", "zstandard", "numpy", "tqdm"],
     extras_require={

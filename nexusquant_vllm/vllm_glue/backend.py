@@ -43,7 +43,7 @@ from nexusquant_vllm.vllm_glue.dtypes import (
     codec_for,
     get_format,
     is_served,
-    uses_native_store,
+    uses_native_cpu,
 )
 from nexusquant_vllm.vllm_glue.eviction import scores as eviction_scores
 from nexusquant_vllm.vllm_glue.paged_attention import RequestGroup, attend, plan_groups
@@ -204,7 +204,9 @@ class NexusQuantImpl(AttentionImpl[NexusQuantMetadata]):
         self.codec = codec_for(kv_cache_dtype) if is_served(kv_cache_dtype) else None  # None: protected layer
         self.fmt = get_format(kv_cache_dtype, head_size) if self.codec is not None else None
         self.decode_rotated = getattr(self.codec, "decode_kv_rotated", None)
-        self.native_store = uses_native_store(kv_cache_dtype)
+        self.native_cpu = uses_native_cpu(kv_cache_dtype) and native.decode_attention_supports(
+            self.fmt, num_heads, num_kv_heads
+        )
 
     # ---- store ------------------------------------------------------------------------------------------------
 
@@ -230,7 +232,7 @@ class NexusQuantImpl(AttentionImpl[NexusQuantMetadata]):
         if self.fmt is not None:
             # No NaN/inf check on the hot path (it is a full pass); a non-finite vector gets a NaN scale and
             # decodes to NaN, never to plausible garbage.
-            encode = native.encode_kv if self.native_store and kv_cache.is_cpu else self.codec.encode_kv
+            encode = native.encode_kv if self.native_cpu and kv_cache.is_cpu else self.codec.encode_kv
             kv_cache[blk, :, off] = encode(key, value, self.fmt, validate=False)
         else:
             kv_cache[blk, :, off] = torch.cat([key, value], dim=-1).to(kv_cache.dtype)
@@ -283,8 +285,17 @@ class NexusQuantImpl(AttentionImpl[NexusQuantMetadata]):
         # raw K/V once, un-rotate the output once; the cached pages are never un-rotated.
         out_rot = torch.empty(n, self.num_heads, d, dtype=torch.float32, device=q.device)
         q_rot, k_rot = rotate(q.float()), rotate(k.float())
+        v_rot = rotate(v.float())
         if eviction_scores.collecting():  # a prompt ends this step and asked for eviction
             eviction_scores.observe(q_rot, k_rot, read_pages_e8, self.scale)
-        attend(q_rot, k_rot, rotate(v.float()), attn_metadata.groups, read_pages_e8, self.scale, out_rot)
+        groups = attn_metadata.groups
+        if self.native_cpu and kv_cache.is_cpu:  # decode rows: the native kernel reads the codes in place
+            for grp in (g for g in groups if g.token_idx.shape[1] == 1):
+                rows = grp.token_idx[:, 0]
+                out_rot[rows] = native.decode_attention(
+                    q_rot[rows] * self.scale, k_rot[rows], v_rot[rows], kv_cache, grp.block_ids, grp.cached_len, fmt
+                )
+            groups = [g for g in groups if g.token_idx.shape[1] > 1]
+        attend(q_rot, k_rot, v_rot, groups, read_pages_e8, self.scale, out_rot)
         out.copy_(unrotate(out_rot))
         return output

@@ -19,7 +19,7 @@ BENCH_SCALAR_ENV = "NEXUSQUANT_BENCH_SCALAR"
 SCALAR_PREFIX = "scalar-"
 
 __all__ = ["DEFAULT_DTYPE", "E8_DTYPES", "codec_for", "dtype_names", "get_format", "is_served", "scalar_names",
-           "uses_native_store"]
+           "uses_native_cpu"]
 
 
 def scalar_names() -> tuple[str, ...]:
@@ -50,8 +50,9 @@ def codec_for(dtype: str) -> ModuleType:
     return codec
 
 
-def uses_native_store(dtype: str) -> bool:
-    """E8 layers on CPU store through the native encoder (csrc/) when it is built; the torch codec otherwise."""
+def uses_native_cpu(dtype: str) -> bool:
+    """E8 layers on CPU store and decode-attend through the native kernels (csrc/) when they are built; the torch
+    codec and attention path otherwise."""
     return dtype in E8_DTYPES and native.available()
 
 

@@ -33,6 +33,7 @@ class RequestGroup:
     token_valid: torch.Tensor  # [R, Qmax] bool
     block_ids: torch.Tensor  # [R, Bmax] int64 physical blocks holding the cached context
     block_used: torch.Tensor  # [R, Bmax] bool: read this block (inside the cached context and not the null block)
+    cached_len: torch.Tensor  # [R] int64 cached context positions per request
     mask: torch.Tensor  # [R, 1, Qmax, Bmax*block_size + Qmax] bool, True = attend
     all_blocks_used: bool  # every [R, Bmax] entry is read: no scatter into a padded buffer needed
 
@@ -91,6 +92,7 @@ def _plan_group(start, q_len, cached, block_table, block_size, device) -> Reques
         token_valid=token_valid.to(device),
         block_ids=block_ids.to(device),
         block_used=block_used.to(device),
+        cached_len=cached.to(device),
         mask=mask[:, None].to(device),
         all_blocks_used=bool(block_used.all()),
     )

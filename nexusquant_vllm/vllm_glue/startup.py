@@ -22,7 +22,7 @@ from nexusquant_vllm.vllm_glue.dtypes import (
     SCALAR_PREFIX,
     get_format,
     is_served,
-    uses_native_store,
+    uses_native_cpu,
 )
 
 PROTECT_ENV = "NEXUSQUANT_PROTECT_LAYERS"
@@ -161,9 +161,9 @@ def _log_budget(vllm_config, layers: dict, specs: dict, dtype: str) -> None:
     _logger().info(
         "nexusquant: kv_cache_dtype=%s (K %d bits, V %d bits, %d B/token-head = %.3f bits/elem incl. fp16 scales, "
         "%d B padding); %d/%d layers E8, %d protected in %s; %.0f B/token over all layers vs %.0f in %s: "
-        "KV capacity ratio %.2fx; CPU store encoder: %s",
+        "KV capacity ratio %.2fx; CPU store and decode kernels: %s",
         dtype, fmt.k_bits, fmt.v_bits, fmt.slot_bytes, fmt.bits_per_element, b["padding_bytes_per_token"],
         len(layers) - len(protected), len(layers), len(protected), str(model_dtype).replace("torch.", ""),
         b["bytes_per_token"], b["dense_bytes_per_token"], str(model_dtype).replace("torch.", ""),
-        b["capacity_ratio"], "native (csrc)" if uses_native_store(dtype) else "torch",
+        b["capacity_ratio"], "native (csrc)" if uses_native_cpu(dtype) else "torch",
     )
