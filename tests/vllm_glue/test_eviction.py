@@ -10,6 +10,7 @@ One in-process engine (so the scheduler's block pool and the worker's tables are
 from __future__ import annotations
 
 import pytest
+from preemption import counting_preemptions
 
 from nexusquant_vllm.vllm_glue.eviction import kv_transfer_config
 from nexusquant_vllm.vllm_glue.plugin import register
@@ -169,19 +170,9 @@ def test_abort_after_eviction_leaks_nothing(engine):
 def test_preemption_resets_and_redoes_eviction(engine):
     llm, pool, scheduler, connector = (engine[k] for k in ("llm", "pool", "scheduler", "connector"))
     free_start = pool.get_num_free_blocks()
-    preempted = []
-    original = scheduler._preempt_request
-
-    def counting(request, *args, **kwargs):
-        preempted.append(request.request_id)
-        return original(request, *args, **kwargs)
-
-    scheduler._preempt_request = counting
-    try:
+    with counting_preemptions(scheduler) as preempted:
         prompts = [long_prompt(13, f"{i}. ") for i in range(4)]
         outs = llm.generate(prompts, _sp(0.35, max_tokens=96))
-    finally:
-        del scheduler._preempt_request
     assert preempted, "the test needs at least one preemption"
     assert all(len(o.outputs[0].token_ids) == 96 for o in outs)
     assert all(o.kv_transfer_params["nq_eviction"]["blocks_freed"] > 0 for o in outs)
