@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -18,7 +17,7 @@ from nexusquant_vllm.codec import kv as codec_kv
 from nexusquant_vllm.codec.e8 import e8p_pattern_lookup, e8p_pattern_parity, e8p_patterns, res8_table
 from nexusquant_vllm.codec.format import GROUP, check_bits
 from nexusquant_vllm.codec.quantizer import BEAM, SCALE_C, STAGES
-from nexusquant_vllm.native.library import load, ptr
+from nexusquant_vllm.native.library import load, ptr, run_split
 
 LIBRARY = "_e8_quantize_cpu"
 MAX_HEAD_DIM = 512  # kMaxDim of the C++ code
@@ -48,12 +47,6 @@ def _tables() -> tuple[torch.Tensor, ...]:
     return tuple(t.contiguous() for t in (e8p_patterns(), e8p_pattern_parity(), res8_table("cpu"), e8p_pattern_lookup()))
 
 
-@functools.lru_cache(maxsize=None)
-def pool(workers: int) -> ThreadPoolExecutor:
-    """Threads for native calls (ctypes releases the GIL, so they run in parallel)."""
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nq-native")
-
-
 def quantize(x: torch.Tensor, bits: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Code rotated vectors ``x`` ``[..., d]`` -> (per stage int64 indices ``[..., d/8]``, fp16 scale ``[...]``),
     like ``codec.quantizer.quantize``. CPU tensors only; raises if the library is missing."""
@@ -79,12 +72,7 @@ def quantize(x: torch.Tensor, bits: int) -> tuple[list[torch.Tensor], torch.Tens
             ptr(parity), ptr(res8), ptr(lookup), ptr(code1), ptr(code2), ptr(scale),
         )
 
-    workers = min(torch.get_num_threads(), max(1, rows.numel() // _PARALLEL_MIN_ELEMENTS))
-    if workers <= 1:
-        run(0, n)
-    else:
-        bounds = torch.linspace(0, n, workers + 1).long().tolist()
-        list(pool(workers).map(run, bounds[:-1], bounds[1:]))
+    run_split(run, n, min(torch.get_num_threads(), max(1, rows.numel() // _PARALLEL_MIN_ELEMENTS)))
     codes = [code1, code2][: len(STAGES[bits])]
     return [c.long().reshape(*lead, groups) for c in codes], scale.reshape(lead)
 

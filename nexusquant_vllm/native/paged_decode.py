@@ -15,8 +15,7 @@ import torch
 
 from nexusquant_vllm.codec.e8 import e8p_table, res8_table
 from nexusquant_vllm.codec.format import KVFormat
-from nexusquant_vllm.native.e8_quantize import pool
-from nexusquant_vllm.native.library import load, ptr
+from nexusquant_vllm.native.library import load, ptr, run_split
 
 LIBRARY = "_e8_decode_attention_cpu"
 MAX_HEAD_DIM, MAX_GQA, MAX_BLOCK_SIZE = 512, 16, 256  # kMaxDim, kMaxGqa, kMaxBlock of the C++ code
@@ -82,10 +81,5 @@ def decode_attention(
         )
 
     pairs = r * num_kv_heads
-    workers = min(torch.get_num_threads(), pairs)
-    if workers <= 1:
-        run(0, pairs)
-    else:
-        bounds = torch.linspace(0, pairs, workers + 1).long().tolist()
-        list(pool(workers).map(run, bounds[:-1], bounds[1:]))
+    run_split(run, pairs, min(torch.get_num_threads(), pairs))
     return out
