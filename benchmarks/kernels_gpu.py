@@ -6,8 +6,9 @@
 Decode attention, batch 1/8/32 x context 1K..128K, for each e8 dtype, for the bf16 paged kernel of the same
 structure (``decode_attention(fmt=None)``), and for torch SDPA over contiguous bf16 K/V (a sanity floor). Reported:
 time per call, bytes the kernel must read (pages + block table), achieved bandwidth and its fraction of the
-device's measured copy bandwidth. Then the store (encode + scatter of a 4K-token prefill's K/V) against a proxy of
-one layer's prefill (its bf16 GEMMs + causal SDPA). Imports only torch, triton, matplotlib (optional) and this
+device's measured copy bandwidth. Then the fused store kernel (rotate + encode + pack + scatter of a 4K-token prefill's
+K/V) against a proxy of one layer's prefill (its bf16 GEMMs + causal SDPA), and the store of one decode step (one
+token per sequence of the largest batch) replayed from a CUDA graph, which also checks that it is capturable. Imports only torch, triton, matplotlib (optional) and this
 package's kernels and codec: the GPU machine has no vLLM.
 """
 
@@ -137,7 +138,8 @@ def _row(kernel: str, batch: int, ctx: int, ms: float, nbytes: int, copy_bw: flo
 
 
 def store_vs_prefill(args, device: str) -> list[dict]:
-    """Store of one layer's K/V for a prefill vs one layer's prefill proxy (GEMMs + causal SDPA), per dtype."""
+    """Fused store of one layer's K/V for a prefill vs one layer's prefill proxy (GEMMs + causal SDPA), per dtype;
+    on a GPU also a decode step's store replayed from a CUDA graph."""
     from nexusquant_vllm.codec import get_format
     from nexusquant_vllm.kernels import store_kv
 
@@ -164,9 +166,26 @@ def store_vs_prefill(args, device: str) -> list[dict]:
         fmt = get_format(name, D)
         cache = torch.zeros((n + PAGE) // PAGE + 1, HK, PAGE, fmt.slot_bytes, dtype=torch.uint8, device=device)
         ms = bench(lambda: store_kv(key, value, cache, slots, fmt), device)
-        rows.append(dict(dtype=name, tokens=n, store_ms=ms, prefill_layer_ms=prefill_ms, ratio=ms / prefill_ms))
-        print(f"store {name}: {ms:.3f} ms vs prefill layer {prefill_ms:.3f} ms ({100 * ms / prefill_ms:.1f}%)")
+        decode_ms = decode_store_graph_ms(fmt, max(args.batch), device) if device == "cuda" else float("nan")
+        rows.append(dict(dtype=name, tokens=n, store_ms=ms, prefill_layer_ms=prefill_ms, ratio=ms / prefill_ms,
+                         decode_batch=max(args.batch), decode_store_graph_ms=decode_ms))
+        print(f"store {name}: {ms:.3f} ms vs prefill layer {prefill_ms:.3f} ms ({100 * ms / prefill_ms:.1f}%); "
+              f"decode step of {max(args.batch)} tokens from a CUDA graph {decode_ms:.4f} ms")
     return rows
+
+
+def decode_store_graph_ms(fmt, batch: int, device: str) -> float:
+    """Replay time of a CUDA graph holding the store of one token per sequence (capturing it is the check)."""
+    from nexusquant_vllm.kernels import store_kv
+
+    key, value = torch.randn(2, batch, HK, D, device=device, dtype=torch.bfloat16)
+    slots = torch.arange(batch, device=device) * PAGE
+    cache = torch.zeros(batch, HK, PAGE, fmt.slot_bytes, dtype=torch.uint8, device=device)
+    store_kv(key, value, cache, slots, fmt)  # compiles the kernel and builds its tables before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        store_kv(key, value, cache, slots, fmt)
+    return bench(graph.replay, device)
 
 
 def write_results(out: Path, result: dict) -> None:
@@ -177,9 +196,10 @@ def write_results(out: Path, result: dict) -> None:
              "| kernel | batch | context | ms | GB/s | of copy bw |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['kernel']} | {r['batch']} | {r['context']} | {r['ms']:.4f} | {r['gbps']:.0f} | {r['frac_copy_bw']:.2f} |"
               for r in result["decode"]]
-    lines += ["", "| store dtype | tokens | store ms | prefill layer ms | ratio |", "|---|---|---|---|---|"]
-    lines += [f"| {r['dtype']} | {r['tokens']} | {r['store_ms']:.3f} | {r['prefill_layer_ms']:.3f} | {r['ratio']:.3f} |"
-              for r in result["store"]]
+    lines += ["", "| store dtype | tokens | store ms | prefill layer ms | ratio | decode batch | decode store ms (graph) |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['dtype']} | {r['tokens']} | {r['store_ms']:.3f} | {r['prefill_layer_ms']:.3f} | {r['ratio']:.3f} "
+              f"| {r['decode_batch']} | {r['decode_store_graph_ms']:.4f} |" for r in result["store"]]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(out.with_suffix(".png"), result["decode"])
 
@@ -211,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args.hidden, args.ffn = HIDDEN, FFN
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
-        args.batch, args.context, args.prefill_tokens, args.hidden, args.ffn = [1], [64], 64, 256, 512
+        args.batch, args.context, args.prefill_tokens, args.hidden, args.ffn = [1], [64], 16, 256, 512
         args.out = Path(tempfile.gettempdir()) / "kernels_gpu_dryrun"  # smoke numbers never land in results/
         device = "cpu"
     elif not torch.cuda.is_available():

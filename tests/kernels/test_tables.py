@@ -3,8 +3,14 @@
 import torch
 
 from nexusquant_vllm.codec.e8 import e8p_decode, res8_table
-from nexusquant_vllm.codec.quantizer import STAGES
-from nexusquant_vllm.kernels.tables import e8p_packed_table, res8_flat_table, stage2_step
+from nexusquant_vllm.codec.quantizer import SCALE_C, STAGES
+from nexusquant_vllm.kernels.tables import (
+    e8p_packed_table,
+    res8_flat_table,
+    scale_c_table,
+    stage2_index_bits,
+    stage2_step,
+)
 
 
 def expand_like_kernel(idx: torch.Tensor) -> torch.Tensor:
@@ -30,3 +36,9 @@ def test_res8_table_and_steps():
     assert torch.equal(res8_flat_table().view(256, 8), res8_table())
     assert stage2_step(2) == 0.0
     assert stage2_step(3) == STAGES[3][1].step and stage2_step(4) == STAGES[4][1].step
+
+
+def test_encoder_tables():
+    for bits in (2, 3, 4):
+        assert torch.equal(scale_c_table(bits), torch.tensor(SCALE_C[bits], dtype=torch.float32))
+    assert (stage2_index_bits(2), stage2_index_bits(3), stage2_index_bits(4)) == (0, 8, 16)
