@@ -8,8 +8,11 @@ structure (``decode_attention(fmt=None)``), and for torch SDPA over contiguous b
 time per call, bytes the kernel must read (pages + block table), achieved bandwidth and its fraction of the
 device's measured copy bandwidth. Then the fused store kernel (rotate + encode + pack + scatter of a 4K-token prefill's
 K/V) against a proxy of one layer's prefill (its bf16 GEMMs + causal SDPA), and the store of one decode step (one
-token per sequence of the largest batch) replayed from a CUDA graph, which also checks that it is capturable. Imports only torch, triton, matplotlib (optional) and this
-package's kernels and codec: the GPU machine has no vLLM.
+token per sequence of the largest batch) replayed from a CUDA graph, which also checks that it is capturable. Then
+continuation prefill (one request, a chunk of 256..4096 new tokens over 4K..32K cached tokens): the fused kernel
+(``prefill_attention``, pages decoded in registers) against dequantizing the request's pages into a bf16 workspace
+plus torch SDPA, and the crossover chunk size from which the workspace path is faster. Imports only torch, triton,
+matplotlib (optional) and this package's kernels and codec: the GPU machine has no vLLM.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtypes", nargs="+", default=["e8-k3v2", "e8-k2v2"])
     p.add_argument("--max-gib", type=float, default=24.0, help="skip cases whose bf16 cache exceeds this")
     p.add_argument("--prefill-tokens", type=int, default=4096)
+    p.add_argument("--prefill-chunks", type=int, nargs="+", default=[256 << i for i in range(5)])  # 256 .. 4096
+    p.add_argument("--prefill-contexts", type=int, nargs="+", default=[4096 << i for i in range(4)])  # 4K .. 32K
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "kernels_gpu")
     p.add_argument("--dry-run", action="store_true", help="tiny case on the CPU under TRITON_INTERPRET=1")
     return p.parse_args(argv)
@@ -188,6 +193,78 @@ def decode_store_graph_ms(fmt, batch: int, device: str) -> float:
     return bench(graph.replay, device)
 
 
+def workspace_prefill(q, k, v, cache, block_ids, ctx: int, fmt, rot: torch.Tensor) -> torch.Tensor:
+    """The unfused alternative to ``prefill_attention`` for one request: dequantize its pages (the codec's torch
+    table gathers) into a bf16 workspace, append the chunk's rotated K/V, SDPA with a lower-right causal mask (torch
+    dispatches it to flash attention on sm80+, GQA native), un-rotate."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from nexusquant_vllm.codec import decode_kv_rotated
+
+    n = q.shape[0]
+    k_ctx, v_ctx = decode_kv_rotated(cache[block_ids].transpose(0, 1), fmt, torch.bfloat16)  # [Hk, blocks, PAGE, D]
+    k_all, v_all = (torch.cat([page.flatten(1, 2)[:, :ctx], (x.float() @ rot).bfloat16().transpose(0, 1)], 1)
+                    for page, x in ((k_ctx, k), (v_ctx, v)))
+    q_rot = (q.float() @ rot).bfloat16().transpose(0, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q_rot[None], k_all[None], v_all[None], attn_mask=causal_lower_right(n, ctx + n), scale=D**-0.5,
+        enable_gqa=True)
+    return (out[0].transpose(0, 1).float() @ rot.T).to(q.dtype)
+
+
+def prefill_cases(args, device: str) -> dict:
+    """One layer's continuation prefill of one request, a chunk of n new tokens over ctx cached tokens, per dtype:
+    ``prefill_attention`` (fused) vs :func:`workspace_prefill`. Each row also holds the two outputs' max relative
+    difference (the workspace path is bf16 throughout). ``crossover[dtype][ctx]``: the smallest chunk from which
+    the workspace path is faster at every larger chunk measured (None: the fused kernel wins at the largest)."""
+    from nexusquant_vllm.codec import get_format
+    from nexusquant_vllm.codec.rotation import rotation_matrix
+    from nexusquant_vllm.kernels import prefill_attention
+
+    rot = rotation_matrix(D, device)
+    rows, crossover = [], {}
+    for name in args.dtypes:
+        fmt = get_format(name, D)
+        crossover[name] = {}
+        for ctx in args.prefill_contexts:
+            blocks = ctx // PAGE
+            cache = random_e8_cache(fmt, blocks + 1, device)
+            block_ids = torch.randperm(blocks, device=device) + 1
+            table = block_ids.view(1, blocks).int()
+            for n in args.prefill_chunks:
+                q = torch.randn(n, HQ, D, device=device, dtype=torch.bfloat16)
+                k, v = torch.randn(2, n, HK, D, device=device, dtype=torch.bfloat16)
+                starts = torch.tensor([0, n], dtype=torch.int32, device=device)
+                lens = torch.tensor([ctx + n], dtype=torch.int32, device=device)
+
+                def fused():
+                    return prefill_attention(q, k, v, cache, table, starts, lens, D**-0.5, fmt, max_query_len=n)
+
+                def workspace():
+                    return workspace_prefill(q, k, v, cache, block_ids, ctx, fmt, rot)
+
+                ref = workspace().float()
+                diff = float((fused().float() - ref).abs().max() / ref.abs().max())
+                rows.append(dict(dtype=name, context=ctx, chunk=n, fused_ms=bench(fused, device),
+                                 workspace_ms=bench(workspace, device), max_rel_diff=diff))
+                r = rows[-1]
+                print(f"prefill {name} ctx {ctx} chunk {n}: fused {r['fused_ms']:.3f} ms, "
+                      f"workspace + SDPA {r['workspace_ms']:.3f} ms, max rel diff {diff:.4f}")
+            crossover[name][ctx] = _crossover([r for r in rows if r["dtype"] == name and r["context"] == ctx])
+    print("prefill crossover (chunk from which dequantize + SDPA is faster):", crossover)
+    return dict(rows=rows, crossover=crossover)
+
+
+def _crossover(rows: list[dict]) -> int | None:
+    """The smallest chunk from which the workspace path wins at every larger chunk (None if it loses the largest)."""
+    chunk = None
+    for r in sorted(rows, key=lambda r: r["chunk"], reverse=True):
+        if r["workspace_ms"] >= r["fused_ms"]:
+            break
+        chunk = r["chunk"]
+    return chunk
+
+
 def write_results(out: Path, result: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
@@ -200,6 +277,14 @@ def write_results(out: Path, result: dict) -> None:
               "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['dtype']} | {r['tokens']} | {r['store_ms']:.3f} | {r['prefill_layer_ms']:.3f} | {r['ratio']:.3f} "
               f"| {r['decode_batch']} | {r['decode_store_graph_ms']:.4f} |" for r in result["store"]]
+    lines += ["", "| prefill dtype | context | chunk | fused ms | dequantize + SDPA ms | faster | max rel diff |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['dtype']} | {r['context']} | {r['chunk']} | {r['fused_ms']:.3f} | {r['workspace_ms']:.3f} "
+              f"| {'fused' if r['fused_ms'] <= r['workspace_ms'] else 'workspace'} | {r['max_rel_diff']:.4f} |"
+              for r in result["prefill"]["rows"]]
+    lines += ["", "Prefill crossover (chunk from which dequantize + SDPA is faster; None: fused at every chunk):", ""]
+    lines += [f"- {name}: " + ", ".join(f"ctx {ctx}: {chunk}" for ctx, chunk in by_ctx.items())
+              for name, by_ctx in result["prefill"]["crossover"].items()]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(out.with_suffix(".png"), result["decode"])
 
@@ -232,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
         args.batch, args.context, args.prefill_tokens, args.hidden, args.ffn = [1], [64], 16, 256, 512
+        args.prefill_chunks, args.prefill_contexts = [16], [32]
         args.out = Path(tempfile.gettempdir()) / "kernels_gpu_dryrun"  # smoke numbers never land in results/
         device = "cpu"
     elif not torch.cuda.is_available():
@@ -242,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     copy_bw = copy_bandwidth(device)
     result = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu (TRITON_INTERPRET dry run)",
                   copy_gbps=copy_bw / 1e9, max_rel_error_vs_reference=max_rel_error(args.dtypes, device), shapes=dict(q_heads=HQ, kv_heads=HK, head_dim=D, page=PAGE),
-                  decode=decode_cases(args, device, copy_bw), store=store_vs_prefill(args, device))
+                  decode=decode_cases(args, device, copy_bw), store=store_vs_prefill(args, device),
+                  prefill=prefill_cases(args, device))
     write_results(args.out, result)
     print(f"wrote {args.out.with_suffix('.json')}, .md, .png")
     return 0

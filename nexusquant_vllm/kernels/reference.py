@@ -62,6 +62,50 @@ def paged_decode_attention_ref(
     return out
 
 
+def prefill_attention_ref(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    fmt: KVFormat | None,
+) -> torch.Tensor:
+    """Reference of :func:`nexusquant_vllm.kernels.prefill_attention` (original domain in and out, float32).
+
+    Same arguments. Request r's new tokens (rows ``query_start_loc[r]..[r+1]``) attend to its cached context, the
+    first ``seq_lens[r] - q_len`` positions of its pages minus those in block 0 (vLLM's null block), and causally to
+    its own raw ``key``/``value`` rows. Rows past the last request are zeros. bf16 pages (``fmt=None``) are used in
+    the domain they are stored in (no rotation).
+    """
+    num_tokens, num_q_heads, d = query.shape
+    num_kv_heads, page = kv_cache.shape[1], kv_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    rot = rotation_matrix(d) if fmt is not None else torch.eye(d)
+    starts = query_start_loc.cpu().tolist()
+    out = torch.zeros(num_tokens, num_q_heads, d)
+    for r, n_ctx_new in enumerate(seq_lens.cpu().tolist()):
+        rows = slice(starts[r], starts[r + 1])
+        q_len = starts[r + 1] - starts[r]
+        cached = n_ctx_new - q_len
+        ids = block_table[r, : (cached + page - 1) // page].long().cpu()
+        k_ctx, v_ctx = _pages_rotated(kv_cache.cpu(), ids, fmt)  # [Hk, n * page, D]
+        valid = (ids != NULL_BLOCK_ID).repeat_interleave(page)[:cached]
+        k_new = (key[rows].float().cpu() @ rot).transpose(0, 1)  # [Hk, q_len, D]
+        v_new = (value[rows].float().cpu() @ rot).transpose(0, 1)
+        k = torch.cat([k_ctx[:, :cached], k_new], 1)
+        v = torch.cat([v_ctx[:, :cached], v_new], 1)
+        causal = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+        allowed = torch.cat([valid.expand(q_len, cached), causal], 1)  # [q_len, cached + q_len]
+        q = (query[rows].float().cpu() @ rot).view(q_len, num_kv_heads, group, d).permute(1, 2, 0, 3)
+        s = (q @ k[:, None].transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))  # [Hk, g, q_len, L]
+        o = torch.softmax(s, -1) @ v[:, None]  # [Hk, g, q_len, D]
+        out[rows] = o.permute(2, 0, 1, 3).reshape(q_len, num_q_heads, d) @ rot.T
+    return out
+
+
 def store_kv_ref(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, fmt: KVFormat | None
 ) -> None:

@@ -27,3 +27,4 @@ def test_dry_run(device):
     result = json.loads((Path(tempfile.gettempdir()) / "kernels_gpu_dryrun.json").read_text())
     assert {r["kernel"] for r in result["decode"]} == {"e8-k2v2", "bf16-paged", "bf16-sdpa-contiguous"}
     assert max(result["max_rel_error_vs_reference"].values()) < 1e-2
+    assert result["prefill"]["rows"] and max(r["max_rel_diff"] for r in result["prefill"]["rows"]) < 2e-2
