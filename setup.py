@@ -18,8 +18,10 @@ NATIVE = [
     Extension(
         f"nexusquant_vllm.native.{name}",
         sources=[f"csrc/{name.lstrip('_')}.cpp"],
+        depends=["csrc/hadamard.h"],
         language="c++",
-        extra_compile_args=["-O3", "-std=c++17"],
+        # -Wno-psabi: the AVX vector types never cross a function boundary (all inlined), so no ABI note applies.
+        extra_compile_args=["-O3", "-std=c++17", "-Wno-psabi"],
     )
     for name in ("_e8_quantize_cpu", "_e8_decode_attention_cpu")
 ]

@@ -1,148 +1,368 @@
-// Native CPU paged decode attention over E8-packed pages: one query token per request attends to its cached context
-// (codes decoded in registers, never written back) and to its own raw K/V. Same math as the torch path
-// (nexusquant_vllm/vllm_glue/paged_attention.py: scores in the codec's rotated domain, float32, -inf for vLLM's null
-// block), one online softmax per query head. Plain C ABI, called through ctypes (nexusquant_vllm/native/).
+// Native CPU paged decode attention: one query token per request attends to its cached context and to its own raw
+// K/V. Two page kinds share one kernel:
+//   * E8 pages (uint8 slots [K codes | V codes | K scale fp16 | V scale fp16]): codes are decoded chunk by chunk into
+//     an L1-sized buffer (E8P from its 256-pattern table plus sign bits, RES8 / second E8P stage), never written back;
+//     the fp16 scales are folded into the scores and into P·V.
+//   * dense pages of the protected boundary layers (one token-head's [K | V] row in bf16, fp16 or fp32).
+// Same math as the torch path (nexusquant_vllm/vllm_glue/paged_attention.py: float32, scores in the pages' domain,
+// vLLM's null block skipped), one online softmax per query head; all heads of a GQA group share each decoded K/V.
+// Plain C ABI, called through ctypes (nexusquant_vllm/native/paged_decode.py).
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 
+#include "hadamard.h"
+
 namespace {
 
 constexpr int kGroup = 8;
 constexpr int kMaxDim = 512;
 constexpr int kMaxGqa = 16;
+constexpr int kChunk = 32;  // tokens per online-softmax step: their decoded K and V (16 KiB at d = 64) stay in L1
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+// Unaligned views for loads and stores; typed (not memcpy) so that stores into the State arrays cannot alias the
+// pointers the loops read, which the compiler can then keep in registers.
+typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4)));
+typedef int32_t v8i_unaligned __attribute__((vector_size(32), aligned(4)));
+
+#define NQ_INLINE inline __attribute__((always_inline))
+// The pair loop gets an AVX2 clone, chosen at load time by CPU feature (not by CPU model, so AMD CPUs get it too).
+#define NQ_HOT __attribute__((target_clones("avx2", "default")))
+
+NQ_INLINE v8f load8(const float* p) { return *reinterpret_cast<const v8f_unaligned*>(p); }
+
+NQ_INLINE void store8(float* p, v8f v) { *reinterpret_cast<v8f_unaligned*>(p) = v; }
+
+NQ_INLINE float hsum(v8f v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+NQ_INLINE float dot(const float* a, const float* b, int d) {
+  v8f even = {}, odd = {};
+  int i = 0;
+  for (; i + 2 * kGroup <= d; i += 2 * kGroup) {
+    even += load8(a + i) * load8(b + i);
+    odd += load8(a + i + kGroup) * load8(b + i + kGroup);
+  }
+  if (i < d) even += load8(a + i) * load8(b + i);
+  return hsum(even + odd);
+}
+
+// exp(x) for x <= 0 (scores minus their running max), ~2 ulp (Cephes' expf polynomial); below -87 it is 0.
+NQ_INLINE v8f exp8(v8f x) {
+  const v8f zero = {};
+  const v8i underflow = x < -87.0f;
+  x = underflow ? zero - 87.0f : x;
+  const v8f n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
+  const v8f r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  v8f p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const v8f y = p * r * r + r + 1.0f;
+  const v8f two_n = reinterpret_cast<v8f>((__builtin_convertvector(n, v8i) + 127) << 23);
+  return underflow ? zero : y * two_n;
+}
+
+NQ_INLINE uint32_t read_u16(const uint8_t* p) {
+  return static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[1]) << 8);
+}
+
+// Exact for every fp16 value (normals, subnormals, inf, NaN), without F16C: the exponent is rebiased by a multiply.
+NQ_INLINE float fp16_to_float(uint32_t h) {
+  const uint32_t magnitude = (h & 0x7FFFu) << 13;
+  float f;
+  std::memcpy(&f, &magnitude, sizeof(f));
+  f *= 0x1p112f;
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((h & 0x7C00u) == 0x7C00u) bits |= 0x7F800000u;  // inf / NaN
+  bits |= (h & 0x8000u) << 16;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
 
 struct Codebooks {
-  const float* e8p;   // all 2^16 E8P points [65536, 8] (a 2 MiB table: one aligned 32-byte load per group)
-  const float* res8;  // RES8 points [256, 8]
+  const float* patterns;  // E8P absolute patterns [256, 8]
+  const uint8_t* parity;  // [256] parity of the number of negative signs of each pattern
+  const float* res8;      // RES8 points times the 3-bit code's second-stage step 1/2 [256, 8] (exact)
 };
 
-uint32_t read_u16(const uint8_t* p) { return static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[1]) << 8); }
+// Sign handling of E8P as two small tables: the parity of 7 sign bits, and per 8-bit sign pattern the XOR mask
+// that flips those lanes' float signs.
+struct SignTables {
+  uint8_t parity7[128];
+  int32_t flip[256][kGroup];
 
-// Decodes `d` elements coded at `bits` from planar codes (stage-major, see codec/packing.py), times `scale`.
-void decode_vector(const Codebooks& cb, const uint8_t* codes, int d, int bits, float scale, float* out) {
-  const int groups = d / kGroup;
+  SignTables() {
+    for (int s = 0; s < 128; ++s) parity7[s] = __builtin_parity(s);
+    for (int s = 0; s < 256; ++s) {
+      for (int i = 0; i < kGroup; ++i) flip[s][i] = (s >> i) & 1 ? static_cast<int32_t>(0x80000000u) : 0;
+    }
+  }
+};
+const SignTables kSigns;
+
+// The E8P point of a 16-bit index (layout: codec/e8.py): pattern, 7 sign bits + the parity-fixed 8th, shift +-1/4.
+// Bit-identical to the codec's expanded table, from tables that stay in L1 (the 2 MiB expanded one does not).
+NQ_INLINE v8f e8p_point(const Codebooks& cb, uint32_t index) {
+  const uint32_t p = index & 0xFFu;
+  const uint32_t signs7 = (index >> 8) & 0x7Fu;
+  const uint32_t signs = signs7 | ((kSigns.parity7[signs7] ^ cb.parity[p]) << 7);
+  const v8i bits = *reinterpret_cast<const v8i_unaligned*>(cb.patterns + p * kGroup) ^
+                   *reinterpret_cast<const v8i_unaligned*>(kSigns.flip[signs]);
+  // The shift +-1/4 as bits (0.25f with the index's bit 15 as its sign): a branch on it would mispredict half the time.
+  const v8i shift = v8i{} + static_cast<int32_t>(0x3E800000u | ((index & 0x8000u) << 16));
+  return reinterpret_cast<v8f>(bits) + reinterpret_cast<v8f>(shift);
+}
+
+// Unit-scale vector of `groups` groups coded at `bits` from planar codes (stage-major, see codec/packing.py).
+NQ_INLINE void decode_unit(const Codebooks& cb, const uint8_t* codes, int groups, int bits, float* out) {
   const uint8_t* second = codes + 2 * groups;
   for (int g = 0; g < groups; ++g) {
-    const float* first = cb.e8p + read_u16(codes + 2 * g) * kGroup;
-    float* o = out + g * kGroup;
-    if (bits == 3) {
-      const float* point = cb.res8 + second[g] * kGroup;
-      for (int i = 0; i < kGroup; ++i) o[i] = (first[i] + point[i] * 0.5f) * scale;
-    } else if (bits == 4) {
-      const float* point = cb.e8p + read_u16(second + 2 * g) * kGroup;
-      for (int i = 0; i < kGroup; ++i) o[i] = (first[i] + point[i] * 0.25f) * scale;
-    } else {
-      for (int i = 0; i < kGroup; ++i) o[i] = first[i] * scale;
-    }
+    v8f x = e8p_point(cb, read_u16(codes + 2 * g));
+    if (bits == 3) x += load8(cb.res8 + second[g] * kGroup);
+    if (bits == 4) x += e8p_point(cb, read_u16(second + 2 * g)) * 0.25f;
+    store8(out + g * kGroup, x);
   }
 }
 
-float read_fp16(const uint8_t* p) {
-  _Float16 h;
-  std::memcpy(&h, p, sizeof(h));
-  return static_cast<float>(h);
-}
-
-constexpr int kMaxBlock = 256;
-
-// Dot product with 8 independent partial sums, so the compiler vectorizes it without reassociating floats itself.
-float dot(const float* a, const float* b, int d) {
-  float lanes[kGroup] = {};
-  for (int i = 0; i < d; i += kGroup) {
-    for (int l = 0; l < kGroup; ++l) lanes[l] += a[i + l] * b[i + l];
-  }
-  float total = 0.0f;
-  for (int l = 0; l < kGroup; ++l) total += lanes[l];
-  return total;
-}
-
-// Online softmax over blocks of keys: per query head the running max, the running sum and the P·V accumulator.
-struct Accumulator {
+// Online-softmax state of the gqa query heads of one (request, KV head) pair, plus one chunk of K/V rows.
+struct State {
+  float q[kMaxGqa * kMaxDim];  // queries times the softmax scale
+  float acc[kMaxGqa * kMaxDim];
   float max[kMaxGqa];
   float sum[kMaxGqa];
-  float acc[kMaxGqa][kMaxDim];
-  float k[kMaxBlock][kMaxDim];  // one block of decoded, scaled keys
-  float v[kMaxBlock][kMaxDim];  // and values
-  float p[kMaxGqa][kMaxBlock];  // scores, then probabilities
+  float k[kChunk * kMaxDim];  // rows of the chunk, dense [n, d]
+  float v[kChunk * kMaxDim];
+  float k_scale[kChunk];
+  float v_scale[kChunk];
+  float p[kChunk];  // scores, then weights, of one query head
 };
 
-// The hot loop gets an AVX2+FMA clone, chosen at load time on CPUs that have it (-march stays portable).
-#define NQ_HOT __attribute__((target_clones("arch=haswell", "default")))
+// Reads one token-head slot of E8 pages into unit K/V rows and their scales.
+struct E8Pages {
+  Codebooks cb;
+  int groups, k_bits, v_bits, k_bytes, v_bytes;
 
-// Folds n keys/values (already in st.k / st.v) into the accumulator of the gqa query heads q [gqa, d].
-NQ_HOT void fold_block(Accumulator& st, const float* q, int gqa, int d, int n) {
+  NQ_INLINE void read(const uint8_t* slot, State& st, int t, int d) const {
+    st.k_scale[t] = fp16_to_float(read_u16(slot + k_bytes + v_bytes));
+    st.v_scale[t] = fp16_to_float(read_u16(slot + k_bytes + v_bytes + 2));
+    decode_unit(cb, slot, groups, k_bits, st.k + t * d);
+    decode_unit(cb, slot + k_bytes, groups, v_bits, st.v + t * d);
+  }
+};
+
+enum DenseDtype { kFloat32 = 0, kFloat16 = 1, kBfloat16 = 2 };
+
+// 16-bit float storage types of dense pages, widened 8 elements at a time.
+struct Half {
+  uint16_t bits;
+};
+struct Bfloat16 {
+  uint16_t bits;
+};
+typedef uint16_t v8h_unaligned __attribute__((vector_size(16), aligned(2)));
+
+NQ_INLINE v8i load_bits8(const void* p) {
+  return __builtin_convertvector(*reinterpret_cast<const v8h_unaligned*>(p), v8i);
+}
+
+NQ_INLINE v8f widen8(const float* p) { return load8(p); }
+
+NQ_INLINE v8f widen8(const Bfloat16* p) { return reinterpret_cast<v8f>(load_bits8(p) << 16); }
+
+// fp16_to_float, 8 lanes at a time.
+NQ_INLINE v8f widen8(const Half* p) {
+  const v8i h = load_bits8(p);
+  const v8f f = reinterpret_cast<v8f>((h & 0x7FFF) << 13) * 0x1p112f;
+  const v8i special = ((h & 0x7C00) == 0x7C00) & 0x7F800000;  // inf / NaN
+  return reinterpret_cast<v8f>(reinterpret_cast<v8i>(f) | special | ((h & 0x8000) << 16));
+}
+
+// Reads one [K | V] row of dense pages of element type T.
+template <typename T>
+struct DensePages {
+  NQ_INLINE void read(const uint8_t* slot, State& st, int t, int d) const {
+    const T* row = reinterpret_cast<const T*>(slot);
+    for (int g = 0; g < d; g += kGroup) {
+      store8(st.k + t * d + g, widen8(row + g));
+      store8(st.v + t * d + g, widen8(row + d + g));
+    }
+    st.k_scale[t] = st.v_scale[t] = 1.0f;
+  }
+};
+
+// Lane t of the result is the sum of the lanes of v[t] (a transposing reduction: 7 adds for 8 sums).
+NQ_INLINE v8f sums8(const v8f* v) {
+  const v8i even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
+  const v8i lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+  const v8i lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+  v8f x[4], y[2];
+  for (int i = 0; i < 4; ++i) {
+    x[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], even) + __builtin_shuffle(v[2 * i], v[2 * i + 1], odd);
+  }
+  for (int i = 0; i < 2; ++i) y[i] = __builtin_shuffle(x[2 * i], x[2 * i + 1], lo2) + __builtin_shuffle(x[2 * i], x[2 * i + 1], hi2);
+  return __builtin_shuffle(y[0], y[1], lo4) + __builtin_shuffle(y[0], y[1], hi4);
+}
+
+// p[t] = (q . k[t]) * k_scale[t] for the chunk's rows, 8 at a time (rows past n hold stale values, never used).
+NQ_INLINE void chunk_scores(const State& st, const float* q, int d, int n, float* p) {
+  for (int t0 = 0; t0 < n; t0 += kGroup) {
+    v8f partial[kGroup];
+    for (int t = 0; t < kGroup; ++t) {
+      const float* k = st.k + (t0 + t) * d;
+      v8f a = load8(q) * load8(k);
+      for (int g = kGroup; g < d; g += kGroup) a += load8(q + g) * load8(k + g);
+      partial[t] = a;
+    }
+    store8(p + t0, sums8(partial) * load8(st.k_scale + t0));
+  }
+}
+
+// Folds the n rows of the chunk into the accumulators of the gqa query heads.
+NQ_INLINE void fold_chunk(State& st, int gqa, int d, int n) {
+  const int padded = (n + kGroup - 1) / kGroup * kGroup;
   for (int j = 0; j < gqa; ++j) {
+    chunk_scores(st, st.q + j * d, d, n, st.p);
     float m = st.max[j];
-    for (int t = 0; t < n; ++t) {
-      st.p[j][t] = dot(q + j * d, st.k[t], d);
-      m = st.p[j][t] > m ? st.p[j][t] : m;
+    for (int t = 0; t < n; ++t) m = st.p[t] > m ? st.p[t] : m;
+    const float correction = std::exp(st.max[j] - m);  // exp(-inf) = 0 on the first chunk
+    v8f sum = {};
+    for (int t = 0; t < padded; t += kGroup) {
+      const v8f e = exp8(load8(st.p + t) - m);
+      const v8i live = t + v8i{0, 1, 2, 3, 4, 5, 6, 7} < n;
+      const v8f e_live = live ? e : v8f{};
+      sum += e_live;
+      store8(st.p + t, e_live * load8(st.v_scale + t));  // P times the value scale: the weight of each row
     }
-    const float correction = std::exp(st.max[j] - m);  // exp(-inf) = 0 on the first block
-    float sum = 0.0f;
-    for (int t = 0; t < n; ++t) {
-      st.p[j][t] = std::exp(st.p[j][t] - m);
-      sum += st.p[j][t];
-    }
-    st.sum[j] = st.sum[j] * correction + sum;
+    st.sum[j] = st.sum[j] * correction + hsum(sum);
     st.max[j] = m;
-    float* acc = st.acc[j];
-    for (int i = 0; i < d; ++i) acc[i] *= correction;
-    for (int t = 0; t < n; ++t) {
-      const float pt = st.p[j][t];
-      for (int i = 0; i < d; ++i) acc[i] += pt * st.v[t][i];
+    float* acc = st.acc + j * d;
+    for (int g = 0; g < d; g += kGroup) {
+      v8f a = load8(acc + g) * correction;
+      for (int t = 0; t < n; ++t) a += st.p[t] * load8(st.v + t * d + g);
+      store8(acc + g, a);
     }
   }
+}
+
+// Everything about one call except the page kind.
+struct Problem {
+  const float* q;      // [R, Hk * gqa, d] queries in the pages' domain
+  const float* k_new;  // [R, Hk, d] raw K/V of the current token
+  const float* v_new;
+  const uint8_t* cache;
+  int64_t block_stride, head_stride, token_stride;  // bytes
+  int block_size;
+  const int64_t* block_table;  // [R, table_width]
+  int64_t table_width;
+  const int64_t* cached;  // [R] cached positions per request
+  int64_t num_kv_heads;
+  int gqa, d;
+  float scale;  // softmax scale
+  float* out;   // [R, Hk * gqa, d] float32
+  bool rotate;  // q, k_new, v_new and out in the model's domain: rotate them in, un-rotate the output (E8 pages)
+};
+
+// One State per thread (ctypes calls run on several threads); its address is looked up once per call.
+__attribute__((noinline)) State& thread_state() {
+  static thread_local State st;
+  return st;
+}
+
+template <class Pages>
+NQ_INLINE void attend_pairs(const Pages& pages, const Problem& pb, int64_t pair_begin, int64_t pair_end) {
+  State& st = thread_state();
+  const int d = pb.d, gqa = pb.gqa;
+  for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
+    const int64_t r = pair / pb.num_kv_heads, h = pair % pb.num_kv_heads;
+    const float* qh = pb.q + pair * gqa * d;
+    for (int i = 0; i < gqa * d; ++i) st.q[i] = qh[i] * pb.scale;
+    if (pb.rotate) {
+      for (int j = 0; j < gqa; ++j) nq::hadamard_rotate(st.q + j * d, d);
+    }
+    for (int j = 0; j < gqa; ++j) {
+      st.max[j] = -std::numeric_limits<float>::infinity();
+      st.sum[j] = 0.0f;
+    }
+    std::memset(st.acc, 0, sizeof(float) * gqa * d);
+    const int64_t len = pb.cached[r];
+    for (int64_t start = 0; start < len; start += pb.block_size) {
+      const int64_t block = pb.block_table[r * pb.table_width + start / pb.block_size];
+      if (block == 0) continue;  // vLLM's null block: an evicted hole, masked (never read)
+      const int64_t in_block = len - start < pb.block_size ? len - start : pb.block_size;
+      const uint8_t* base = pb.cache + block * pb.block_stride + h * pb.head_stride;
+      for (int64_t first = 0; first < in_block; first += kChunk) {
+        const int n = static_cast<int>(in_block - first < kChunk ? in_block - first : kChunk);
+        for (int t = 0; t < n; ++t) pages.read(base + (first + t) * pb.token_stride, st, t, d);
+        fold_chunk(st, gqa, d, n);
+      }
+    }
+    std::memcpy(st.k, pb.k_new + pair * d, sizeof(float) * d);  // the current token, raw
+    std::memcpy(st.v, pb.v_new + pair * d, sizeof(float) * d);
+    if (pb.rotate) {
+      nq::hadamard_rotate(st.k, d);
+      nq::hadamard_rotate(st.v, d);
+    }
+    st.k_scale[0] = st.v_scale[0] = 1.0f;
+    fold_chunk(st, gqa, d, 1);
+    float* oh = pb.out + pair * gqa * d;
+    for (int j = 0; j < gqa; ++j) {
+      for (int i = 0; i < d; ++i) oh[j * d + i] = st.acc[j * d + i] / st.sum[j];
+      if (pb.rotate) nq::hadamard_rotate(oh + j * d, d);
+    }
+  }
+}
+
+NQ_HOT void attend_e8(const E8Pages& pages, const Problem& pb, int64_t pair_begin, int64_t pair_end) {
+  attend_pairs(pages, pb, pair_begin, pair_end);
+}
+
+NQ_HOT void attend_dense(int dtype, const Problem& pb, int64_t pair_begin, int64_t pair_end) {
+  if (dtype == kFloat32) attend_pairs(DensePages<float>{}, pb, pair_begin, pair_end);
+  if (dtype == kFloat16) attend_pairs(DensePages<Half>{}, pb, pair_begin, pair_end);
+  if (dtype == kBfloat16) attend_pairs(DensePages<Bfloat16>{}, pb, pair_begin, pair_end);
 }
 
 }  // namespace
 
 extern "C" {
 
-// Rows [pair_begin, pair_end) of the (request, kv head) pairs. q: [R, Hk*gqa, d] rotated queries, pre-multiplied by
-// the softmax scale; k_new/v_new: [R, Hk, d] rotated raw K/V of the current token; cache: uint8 pages with byte
-// strides (block, head, token); block_table: int64 [R, table_width]; cached: int64 [R] cached tokens;
-// out: [R, Hk*gqa, d] float32. Slot layout: [K codes | V codes | K scale fp16 | V scale fp16].
+// Both entry points: rows [pair_begin, pair_end) of the (request, KV head) pairs. q: [R, Hk*gqa, d] float32 queries
+// (in the pages' domain, or for E8 pages with rotate set in the model's domain); k_new/v_new: [R, Hk, d] float32 K/V
+// of the current token, same domain as q; cache: pages with byte strides (block, head, token); block_table: int64
+// [R, table_width]; cached: int64 [R] cached tokens; out: [R, Hk*gqa, d] float32, same domain as q.
+
+// E8 pages, slot layout [K codes | V codes | K scale fp16 | V scale fp16]; tables: E8P patterns [256, 8], their sign
+// parity uint8 [256], RES8 points times 1/2 [256, 8].
 void nq_e8_decode_attention(const float* q, const float* k_new, const float* v_new, const uint8_t* cache,
                             int64_t block_stride, int64_t head_stride, int64_t token_stride, int block_size,
                             const int64_t* block_table, int64_t table_width, const int64_t* cached, int64_t num_kv_heads,
-                            int gqa, int d, int k_bits, int v_bits, const float* e8p, const float* res8,
-                            int64_t pair_begin, int64_t pair_end, float* out) {
-  const Codebooks cb{e8p, res8};
-  const int k_bytes = d / kGroup * k_bits, v_bytes = d / kGroup * v_bits;
-  static thread_local Accumulator st;
-  for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
-    const int64_t r = pair / num_kv_heads, h = pair % num_kv_heads;
-    const float* qh = q + (r * num_kv_heads + h) * gqa * d;
-    for (int j = 0; j < gqa; ++j) {
-      st.max[j] = -std::numeric_limits<float>::infinity();
-      st.sum[j] = 0.0f;
-      std::memset(st.acc[j], 0, sizeof(float) * d);
-    }
-    const int64_t len = cached[r];
-    for (int64_t start = 0; start < len; start += block_size) {
-      const int64_t block = block_table[r * table_width + start / block_size];
-      if (block == 0) continue;  // vLLM's null block: an evicted hole, masked (never read)
-      const int n = static_cast<int>(len - start < block_size ? len - start : block_size);
-      const uint8_t* base = cache + block * block_stride + h * head_stride;
-      for (int t = 0; t < n; ++t) {
-        const uint8_t* slot = base + t * token_stride;
-        const float k_scale = read_fp16(slot + k_bytes + v_bytes), v_scale = read_fp16(slot + k_bytes + v_bytes + 2);
-        decode_vector(cb, slot, d, k_bits, k_scale, st.k[t]);
-        decode_vector(cb, slot + k_bytes, d, v_bits, v_scale, st.v[t]);
-      }
-      fold_block(st, qh, gqa, d, n);
-    }
-    std::memcpy(st.k[0], k_new + (r * num_kv_heads + h) * d, sizeof(float) * d);  // the current token, raw
-    std::memcpy(st.v[0], v_new + (r * num_kv_heads + h) * d, sizeof(float) * d);
-    fold_block(st, qh, gqa, d, 1);
-    float* oh = out + (r * num_kv_heads + h) * gqa * d;
-    for (int j = 0; j < gqa; ++j) {
-      for (int i = 0; i < d; ++i) oh[j * d + i] = st.acc[j][i] / st.sum[j];
-    }
-  }
+                            int gqa, int d, float scale, int k_bits, int v_bits, const float* patterns,
+                            const uint8_t* parity, const float* res8, int rotate, int64_t pair_begin,
+                            int64_t pair_end, float* out) {
+  const Problem pb{q, k_new, v_new, cache, block_stride, head_stride, token_stride, block_size, block_table,
+                   table_width, cached, num_kv_heads, gqa, d, scale, out, rotate != 0};
+  const int groups = d / kGroup;
+  const E8Pages pages{{patterns, parity, res8}, groups, k_bits, v_bits, groups * k_bits, groups * v_bits};
+  attend_e8(pages, pb, pair_begin, pair_end);
+}
+
+// Dense pages, one token-head's [K | V] row of 2*d elements of `dtype` (0 float32, 1 float16, 2 bfloat16).
+void nq_dense_decode_attention(const float* q, const float* k_new, const float* v_new, const uint8_t* cache,
+                               int64_t block_stride, int64_t head_stride, int64_t token_stride, int block_size,
+                               const int64_t* block_table, int64_t table_width, const int64_t* cached,
+                               int64_t num_kv_heads, int gqa, int d, float scale, int dtype, int64_t pair_begin,
+                               int64_t pair_end, float* out) {
+  const Problem pb{q, k_new, v_new, cache, block_stride, head_stride, token_stride, block_size, block_table,
+                   table_width, cached, num_kv_heads, gqa, d, scale, out, false};
+  attend_dense(dtype, pb, pair_begin, pair_end);
 }
 
 }  // extern "C"

@@ -9,7 +9,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+
+#include "hadamard.h"
 
 namespace {
 
@@ -22,6 +25,12 @@ constexpr int kMaxDim = 512;
 constexpr float kFp16Max = 65504.0f;
 constexpr float kTiny = 1e-30f;
 constexpr float kShift[2] = {0.25f, -0.25f};
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4)));
+
+inline __attribute__((always_inline)) v8f load8(const float* p) { return *reinterpret_cast<const v8f_unaligned*>(p); }
 
 struct Tables {
   float pattern_t[kGroup][kPatterns];  // E8P absolute patterns, coordinate-major (loops over patterns vectorize)
@@ -38,7 +47,9 @@ struct Tables {
 struct Config {
   int bits;
   int beam;
-  float step2;  // scale of the second stage's codebook (0.5 at 3 bits, 0.25 at 4 bits)
+  float step2;           // scale of the second stage's codebook (0.5 at 3 bits, 0.25 at 4 bits)
+  const float* scale_c;  // the m candidate multipliers of rms(x)
+  int m;
 };
 
 // One target's view of the 2 x 256 (shift, pattern) classes of E8P: per shift, |t| and the signs of
@@ -51,8 +62,10 @@ struct Target {
   float bound[kClasses];
 };
 
-// The two hot loops get an AVX2+FMA clone, chosen at load time on CPUs that have it (-march stays portable).
-#define NQ_HOT __attribute__((target_clones("arch=haswell", "default")))
+// The two hot loops get an AVX2 clone, chosen at load time by CPU feature (-march stays portable). Not
+// "arch=haswell": that clone is picked by CPU model, so AMD CPUs never ran it. No FMA: the clones keep the default
+// build's rounding.
+#define NQ_HOT __attribute__((target_clones("avx2", "default")))
 
 NQ_HOT void score_bounds(const Tables& tb, const float* u, Target& tg) {
   for (int s = 0; s < 2; ++s) {
@@ -197,33 +210,58 @@ int exhaustive_class(const Tables& tb, const Target& tg) {
   return best;
 }
 
-// Keeps `top` (`count` entries, at most kTopK+1) the sorted indices of the smallest values offered so far.
-inline __attribute__((always_inline)) void offer(const float* values, int c, int* top, int& count) {
-  if (count == kTopK + 1 && !(values[c] < values[top[kTopK]])) return;
-  int j = count < kTopK + 1 ? count++ : kTopK;
-  while (j > 0 && values[c] < values[top[j - 1]]) {
-    top[j] = top[j - 1];
-    --j;
+// The kTopK+1 smallest values offered so far, ascending (ties: the earlier offer first), with their indices.
+struct Smallest {
+  float value[kTopK + 1];
+  int index[kTopK + 1];
+  int count = 0;
+
+  inline __attribute__((always_inline)) void offer(float v, int c) {
+    if (count == kTopK + 1 && !(v < value[kTopK])) return;
+    int j = count < kTopK + 1 ? count++ : kTopK;
+    while (j > 0 && v < value[j - 1]) {
+      value[j] = value[j - 1];
+      index[j] = index[j - 1];
+      --j;
+    }
+    value[j] = v;
+    index[j] = c;
   }
-  top[j] = c;
+};
+
+// out[k] = the minimum of the 8 values at bound[8k .. 8k+8), for k < 8 (a transposing reduction: 7 vector mins).
+inline __attribute__((always_inline)) void block_mins8(const float* bound, float* out) {
+  const v8i even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
+  const v8i lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+  const v8i lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+  auto min = [](v8f a, v8f b) { return a < b ? a : b; };
+  v8f x[4], y[2];
+  for (int i = 0; i < 4; ++i) {
+    const v8f a = load8(bound + 16 * i), b = load8(bound + 16 * i + 8);
+    x[i] = min(__builtin_shuffle(a, b, even), __builtin_shuffle(a, b, odd));
+  }
+  for (int i = 0; i < 2; ++i) y[i] = min(__builtin_shuffle(x[2 * i], x[2 * i + 1], lo2), __builtin_shuffle(x[2 * i], x[2 * i + 1], hi2));
+  const v8f z = min(__builtin_shuffle(y[0], y[1], lo4), __builtin_shuffle(y[0], y[1], hi4));
+  for (int k = 0; k < kGroup; ++k) out[k] = z[k];
 }
 
 // The kTopK+1 smallest of the 512 bounds, ascending: each lies in one of the kTopK+1 blocks of 8 classes with the
-// smallest minima, so only those 72 classes are ranked (the torch path's `_smallest` does the same).
-void smallest_bounds(const float* bound, int* top) {
+// smallest minima (the torch path's `_smallest` does the same), and is no larger than the largest of those minima,
+// so only the classes of those blocks within that threshold are ranked (dropping larger ones changes no outcome).
+NQ_HOT void smallest_bounds(const float* bound, int* top) {
   constexpr int kBlocks = kClasses / kGroup;
   float block_min[kBlocks];
-  for (int b = 0; b < kBlocks; ++b) {
-    float m = bound[b * kGroup];
-    for (int i = 1; i < kGroup; ++i) m = bound[b * kGroup + i] < m ? bound[b * kGroup + i] : m;
-    block_min[b] = m;
-  }
-  int blocks[kTopK + 1], count = 0;
-  for (int b = 0; b < kBlocks; ++b) offer(block_min, b, blocks, count);
-  count = 0;
+  for (int b = 0; b < kBlocks; b += kGroup) block_mins8(bound + b * kGroup, block_min + b);
+  Smallest blocks, classes;
+  for (int b = 0; b < kBlocks; ++b) blocks.offer(block_min[b], b);
+  const float threshold = blocks.value[kTopK];
   for (int k = 0; k < kTopK + 1; ++k) {
-    for (int i = 0; i < kGroup; ++i) offer(bound, blocks[k] * kGroup + i, top, count);
+    for (int i = 0; i < kGroup; ++i) {
+      const int c = blocks.index[k] * kGroup + i;
+      if (!(bound[c] > threshold)) classes.offer(bound[c], c);
+    }
   }
+  for (int k = 0; k < kTopK + 1; ++k) top[k] = classes.index[k];
 }
 
 // `beam` stage-1 candidates, nearest first, chosen like codec/e8.py's e8p_candidates: the kTopK classes with the
@@ -259,22 +297,29 @@ int32_t nearest_e8p(const Tables& tb, const float* u, Target& tg) {
   return class_index(tb, tg, exhaustive_class(tb, tg));
 }
 
+// First index of the smallest squared distance (up to the constant |r|^2) to the RES8 points, 8 points at a time:
+// per lane the smallest distance and its first index, then the first of the lanes' minima.
 NQ_HOT int32_t nearest_res8(const Tables& tb, const float* r) {
-  float score[kPatterns];
-  for (int j = 0; j < kPatterns; ++j) score[j] = 0.0f;
-  for (int i = 0; i < kGroup; ++i) {
-    for (int j = 0; j < kPatterns; ++j) score[j] += r[i] * tb.res8_t[i][j];
+  const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  v8f best = v8f{} + std::numeric_limits<float>::infinity();
+  v8i best_index = {};
+  for (int j = 0; j < kPatterns; j += kGroup) {
+    v8f score = {};
+    for (int i = 0; i < kGroup; ++i) score += r[i] * load8(&tb.res8_t[i][j]);
+    const v8f distance = load8(&tb.res8_norm[j]) - 2.0f * score;
+    const v8i better = distance < best;
+    best = better ? distance : best;
+    best_index = better ? lane + j : best_index;
   }
-  int best = 0;
-  float best_score = tb.res8_norm[0] - 2.0f * score[0];
-  for (int j = 1; j < kPatterns; ++j) {
-    const float v = tb.res8_norm[j] - 2.0f * score[j];
-    if (v < best_score) {
-      best_score = v;
-      best = j;
+  float m = best[0];
+  int32_t index = best_index[0];  // 0 for a NaN target (its vector gets a NaN scale)
+  for (int l = 1; l < kGroup; ++l) {
+    if (best[l] < m || (best[l] == m && best_index[l] < index)) {
+      m = best[l];
+      index = best_index[l];
     }
   }
-  return best;
+  return index;
 }
 
 // Codes one 8-dim unit-scale group; writes its stage indices and decoded point.
@@ -319,18 +364,8 @@ void code_group(const Tables& tb, const Config& cfg, const float* u, Target& tg,
 
 float round_to_fp16(float x) { return static_cast<float>(static_cast<_Float16>(x)); }
 
-}  // namespace
-
-extern "C" {
-
-// Quantizes rows [row_begin, row_end) of x (float32 [n, d], rotated vectors) -> stage indices (int32 [n, d/8] each;
-// code2 unused at 2 bits) and fp16 scales (as float16 [n]). Tables: E8P patterns [256, 8], their parity [256],
-// RES8 points [256, 8]; scale_c: the m candidate multipliers of rms(x).
-void nq_e8_quantize(const float* x, int64_t row_begin, int64_t row_end, int64_t d, int bits, int beam,
-                    float step2, const float* scale_c, int m, const float* patterns, const int64_t* parity,
-                    const float* res8, const int64_t* lookup, int32_t* code1, int32_t* code2,
-                    _Float16* scale_out) {
-  Tables tb;  // rebuilt per call (~4K stores): the caller's tables are the single source of every codeword
+void build_tables(const float* patterns, const int64_t* parity, const float* res8, const int64_t* lookup,
+                  Tables& tb) {
   tb.lookup = lookup;
   for (int p = 0; p < kPatterns; ++p) {
     tb.pattern_norm[p] = 0.0f;
@@ -343,47 +378,129 @@ void nq_e8_quantize(const float* x, int64_t row_begin, int64_t row_end, int64_t 
       tb.res8_norm[p] += tb.res8[p][i] * tb.res8[p][i];
     }
   }
-  const Config cfg{bits, beam < kMaxBeam ? beam : kMaxBeam, step2};
+}
+
+// Codes one rotated vector v [d] -> stage indices code1/code2 [d/8] (code2 untouched at 2 bits) and the fp16 scale.
+_Float16 quantize_row(const Tables& tb, const Config& cfg, const float* v, int64_t d, int32_t* code1,
+                      int32_t* code2) {
   const int64_t groups = d / kGroup;
   Target tg;
   float unit[kGroup], decoded_buf[kMaxDim];  // d <= kMaxDim (checked by the caller)
   int32_t c1[kMaxDim / kGroup], c2[kMaxDim / kGroup] = {};
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    const float* v = x + row * d;
-    float sq = 0.0f;
-    for (int64_t i = 0; i < d; ++i) sq += v[i] * v[i];
-    const float rms = std::sqrt(sq / static_cast<float>(d));
-    float best_error = 0.0f;
-    for (int k = 0; k < m; ++k) {
-      // NaN-propagating clamps (like torch's): a NaN vector gets a NaN scale and decodes to NaN.
-      const float raw = rms * scale_c[k];
-      const float search = raw < kTiny ? kTiny : raw;
+  float sq = 0.0f;
+  for (int64_t i = 0; i < d; ++i) sq += v[i] * v[i];
+  const float rms = std::sqrt(sq / static_cast<float>(d));
+  float best_error = 0.0f;
+  _Float16 best_scale = 0;
+  for (int k = 0; k < cfg.m; ++k) {
+    // NaN-propagating clamps (like torch's): a NaN vector gets a NaN scale and decodes to NaN.
+    const float raw = rms * cfg.scale_c[k];
+    const float search = raw < kTiny ? kTiny : raw;
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int i = 0; i < kGroup; ++i) unit[i] = v[g * kGroup + i] / search;
+      code_group(tb, cfg, unit, tg, &c1[g], &c2[g], &decoded_buf[g * kGroup]);
+    }
+    float xd = 0.0f, dd = 0.0f;
+    for (int64_t i = 0; i < d; ++i) {
+      xd += v[i] * decoded_buf[i];
+      dd += decoded_buf[i] * decoded_buf[i];
+    }
+    const float fitted = xd / dd;
+    const float refit = fitted > 0.0f ? fitted : search;
+    const float scale = round_to_fp16(refit > kFp16Max ? kFp16Max : refit);
+    float error = 0.0f;
+    for (int64_t i = 0; i < d; ++i) {
+      const float e = v[i] - decoded_buf[i] * scale;
+      error += e * e;
+    }
+    if (k == 0 || error < best_error) {
+      best_error = error;
+      best_scale = static_cast<_Float16>(scale);
       for (int64_t g = 0; g < groups; ++g) {
-        for (int i = 0; i < kGroup; ++i) unit[i] = v[g * kGroup + i] / search;
-        code_group(tb, cfg, unit, tg, &c1[g], &c2[g], &decoded_buf[g * kGroup]);
-      }
-      float xd = 0.0f, dd = 0.0f;
-      for (int64_t i = 0; i < d; ++i) {
-        xd += v[i] * decoded_buf[i];
-        dd += decoded_buf[i] * decoded_buf[i];
-      }
-      const float fitted = xd / dd;
-      const float refit = fitted > 0.0f ? fitted : search;
-      const float scale = round_to_fp16(refit > kFp16Max ? kFp16Max : refit);
-      float error = 0.0f;
-      for (int64_t i = 0; i < d; ++i) {
-        const float e = v[i] - decoded_buf[i] * scale;
-        error += e * e;
-      }
-      if (k == 0 || error < best_error) {
-        best_error = error;
-        scale_out[row] = static_cast<_Float16>(scale);
-        for (int64_t g = 0; g < groups; ++g) {
-          code1[row * groups + g] = c1[g];
-          code2[row * groups + g] = c2[g];
-        }
+        code1[g] = c1[g];
+        code2[g] = c2[g];
       }
     }
+  }
+  return best_scale;
+}
+
+// Planar little-endian codes of one vector (codec/packing.py): all 16-bit stage-1 indices, then the stage-2 ones
+// (8 bits at 3 bits per element, 16 at 4).
+void pack_row(const int32_t* code1, const int32_t* code2, int64_t groups, int bits, uint8_t* out) {
+  uint8_t* second = out + 2 * groups;
+  for (int64_t g = 0; g < groups; ++g) {
+    out[2 * g] = static_cast<uint8_t>(code1[g]);
+    out[2 * g + 1] = static_cast<uint8_t>(code1[g] >> 8);
+    if (bits == 3) second[g] = static_cast<uint8_t>(code2[g]);
+    if (bits == 4) {
+      second[2 * g] = static_cast<uint8_t>(code2[g]);
+      second[2 * g + 1] = static_cast<uint8_t>(code2[g] >> 8);
+    }
+  }
+}
+
+bool all_finite(const float* v, int64_t d) {
+  bool finite = true;
+  for (int64_t i = 0; i < d; ++i) finite &= std::isfinite(v[i]);
+  return finite;
+}
+
+// Rotates and codes one K or V vector into its part of a slot (codes at `codes`, fp16 scale at `scale`); a vector
+// whose raw values are not all finite gets a NaN scale, as codec.kv.encode_vectors does.
+void store_vector(const Tables& tb, const Config& cfg, const float* raw, int64_t d, uint8_t* codes, uint8_t* scale) {
+  float rotated[kMaxDim];
+  std::memcpy(rotated, raw, sizeof(float) * d);
+  nq::hadamard_rotate(rotated, d);
+  int32_t code1[kMaxDim / kGroup], code2[kMaxDim / kGroup] = {};
+  _Float16 s = quantize_row(tb, cfg, rotated, d, code1, code2);
+  if (!all_finite(raw, d)) s = static_cast<_Float16>(std::numeric_limits<float>::quiet_NaN());
+  pack_row(code1, code2, d / kGroup, cfg.bits, codes);
+  std::memcpy(scale, &s, sizeof(s));
+}
+
+}  // namespace
+
+extern "C" {
+
+// Quantizes rows [row_begin, row_end) of x (float32 [n, d], rotated vectors) -> stage indices (int32 [n, d/8] each;
+// code2 unused at 2 bits) and fp16 scales (as float16 [n]). Tables: E8P patterns [256, 8], their parity [256],
+// RES8 points [256, 8], lattice-point -> pattern lookup [4^8]; scale_c: the m candidate multipliers of rms(x).
+void nq_e8_quantize(const float* x, int64_t row_begin, int64_t row_end, int64_t d, int bits, int beam,
+                    float step2, const float* scale_c, int m, const float* patterns, const int64_t* parity,
+                    const float* res8, const int64_t* lookup, int32_t* code1, int32_t* code2,
+                    _Float16* scale_out) {
+  Tables tb;  // rebuilt per call (~4K stores): the caller's tables are the single source of every codeword
+  build_tables(patterns, parity, res8, lookup, tb);
+  const Config cfg{bits, beam < kMaxBeam ? beam : kMaxBeam, step2, scale_c, m};
+  const int64_t groups = d / kGroup;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    scale_out[row] = quantize_row(tb, cfg, x + row * d, d, code1 + row * groups, code2 + row * groups);
+  }
+}
+
+// The store of one layer: token-heads [row_begin, row_end) (row = token * num_kv_heads + head) of K and V (float32
+// [n, num_kv_heads, d], the model's domain) are rotated, coded and written into their slots [K codes | V codes | K scale fp16 | V scale fp16] of the uint8 pages `cache` (byte
+// strides per block, head and token), at slot_mapping[token] (block * block_size + offset; negative: a padding
+// token, skipped). Per K and V: bits, beam, second-stage step and the m candidate scale multipliers.
+void nq_e8_store(const float* k, const float* v, int64_t row_begin,
+                 int64_t row_end, int64_t d, int64_t num_kv_heads, const int64_t* slot_mapping, uint8_t* cache,
+                 int64_t block_stride, int64_t head_stride, int64_t token_stride, int64_t block_size, int k_bits,
+                 int k_beam, float k_step2, const float* k_scale_c, int k_m, int v_bits, int v_beam, float v_step2,
+                 const float* v_scale_c, int v_m, const float* patterns, const int64_t* parity, const float* res8,
+                 const int64_t* lookup) {
+  Tables tb;
+  build_tables(patterns, parity, res8, lookup, tb);
+  const Config k_cfg{k_bits, k_beam < kMaxBeam ? k_beam : kMaxBeam, k_step2, k_scale_c, k_m};
+  const Config v_cfg{v_bits, v_beam < kMaxBeam ? v_beam : kMaxBeam, v_step2, v_scale_c, v_m};
+  const int64_t k_bytes = d / kGroup * k_bits, v_bytes = d / kGroup * v_bits;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t slot_id = slot_mapping[row / num_kv_heads];
+    if (slot_id < 0) continue;
+    uint8_t* slot = cache + slot_id / block_size * block_stride + (row % num_kv_heads) * head_stride +
+                    slot_id % block_size * token_stride;
+    store_vector(tb, k_cfg, k + row * d, d, slot, slot + k_bytes + v_bytes);
+    store_vector(tb, v_cfg, v + row * d, d, slot + k_bytes, slot + k_bytes + v_bytes + 2);
   }
 }
 

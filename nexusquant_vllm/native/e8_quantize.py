@@ -1,9 +1,10 @@
-"""The native CPU E8 quantizer (``csrc/e8_quantize_cpu.cpp``) behind the signature of ``codec.quantizer.quantize``.
+"""The native CPU E8 quantizer (``csrc/e8_quantize_cpu.cpp``): ``quantize`` behind the signature of
+``codec.quantizer.quantize``, and ``store_kv``, the whole store of one layer (code, pack and write the slots in place).
 
 Same algorithm as the torch reference, one vector at a time in C++ (measured by ``benchmarks/codec_distortion.py``:
 see its throughput rows); codes equal the reference's except where two codewords are at exactly the same distance.
 The library is a plain C ABI built by ``setup.py`` as ``_e8_quantize_cpu*.so`` next to this file and called through
-ctypes, which releases the GIL, so large batches are split over ``torch.get_num_threads()`` threads.
+ctypes, which releases the GIL, so batches are split over ``torch.get_num_threads()`` threads.
 """
 
 from __future__ import annotations
@@ -15,20 +16,30 @@ import torch
 
 from nexusquant_vllm.codec import kv as codec_kv
 from nexusquant_vllm.codec.e8 import e8p_pattern_lookup, e8p_pattern_parity, e8p_patterns, res8_table
-from nexusquant_vllm.codec.format import GROUP, check_bits
+from nexusquant_vllm.codec.format import GROUP, KVFormat, check_bits
 from nexusquant_vllm.codec.quantizer import BEAM, SCALE_C, STAGES
 from nexusquant_vllm.native.library import load, ptr, run_split
 
 LIBRARY = "_e8_quantize_cpu"
 MAX_HEAD_DIM = 512  # kMaxDim of the C++ code
-_PARALLEL_MIN_ELEMENTS = 1 << 15  # below this, one thread (a decode step's few vectors)
+_PARALLEL_MIN_ELEMENTS = 1 << 15  # quantize: below this, one thread
+# store_kv: token-heads per thread at least (one costs ~50 us at 3+2 bits, a thread hand-off ~30 us), so a decode
+# step's 8 x 3 token-heads already go to two threads
+_STORE_MIN_ROWS_PER_THREAD = 4
 
+_P, _I64, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_CONFIG = (_INT, _INT, _FLOAT, _P, _INT)  # bits, beam, step2, scale_c, m
+_TABLES = (_P, _P, _P, _P)  # E8P patterns, parity, RES8, pattern lookup
 _SIGNATURE = (
-    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # x, row_begin, row_end, d
-    ctypes.c_int, ctypes.c_int, ctypes.c_float,  # bits, beam, step2
-    ctypes.c_void_p, ctypes.c_int,  # scale_c, m
-    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # E8P patterns, parity, RES8, pattern lookup
-    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # code1, code2, fp16 scale out
+    _P, _I64, _I64, _I64,  # x, row_begin, row_end, d
+    *_CONFIG, *_TABLES,
+    _P, _P, _P,  # code1, code2, fp16 scale out
+)
+_STORE_SIGNATURE = (
+    _P, _P,  # K, V (the model's domain: the kernel rotates)
+    _I64, _I64, _I64, _I64,  # row_begin, row_end, d, num_kv_heads
+    _P, _P, _I64, _I64, _I64, _I64,  # slot_mapping, cache, block / head / token strides (bytes), block_size
+    *_CONFIG, *_CONFIG, *_TABLES,  # K, V
 )
 
 
@@ -36,9 +47,24 @@ def _library() -> ctypes._CFuncPtr | None:
     return load(LIBRARY, "nq_e8_quantize", _SIGNATURE)
 
 
+def _store_kernel() -> ctypes._CFuncPtr | None:
+    return load(LIBRARY, "nq_e8_store", _STORE_SIGNATURE)
+
+
 def available() -> bool:
     """Whether the native library was built (``pip install`` of this package builds it)."""
     return _library() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _scale_c(bits: int) -> torch.Tensor:
+    return torch.tensor(SCALE_C[bits], dtype=torch.float32)
+
+
+def _config(bits: int) -> tuple:
+    """The C ``Config`` of one bit width: bits, beam, second-stage step, candidate scale multipliers and their count."""
+    step2 = STAGES[bits][-1].step if len(STAGES[bits]) > 1 else 1.0
+    return bits, BEAM[bits], step2, ptr(_scale_c(bits)), len(SCALE_C[bits])
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,15 +88,10 @@ def quantize(x: torch.Tensor, bits: int) -> tuple[list[torch.Tensor], torch.Tens
     code1 = torch.empty(n, groups, dtype=torch.int32)
     code2 = torch.zeros(n, groups, dtype=torch.int32)
     scale = torch.empty(n, dtype=torch.float16)
-    scale_c = torch.tensor(SCALE_C[bits], dtype=torch.float32)
-    patterns, parity, res8, lookup = _tables()
-    step2 = STAGES[bits][-1].step if len(STAGES[bits]) > 1 else 1.0
+    tables = [ptr(t) for t in _tables()]
 
     def run(begin: int, end: int) -> None:
-        kernel(
-            ptr(rows), begin, end, d, bits, BEAM[bits], step2, ptr(scale_c), scale_c.numel(), ptr(patterns),
-            ptr(parity), ptr(res8), ptr(lookup), ptr(code1), ptr(code2), ptr(scale),
-        )
+        kernel(ptr(rows), begin, end, d, *_config(bits), *tables, ptr(code1), ptr(code2), ptr(scale))
 
     run_split(run, n, min(torch.get_num_threads(), max(1, rows.numel() // _PARALLEL_MIN_ELEMENTS)))
     codes = [code1, code2][: len(STAGES[bits])]
@@ -79,3 +100,28 @@ def quantize(x: torch.Tensor, bits: int) -> tuple[list[torch.Tensor], torch.Tens
 
 encode_kv = functools.partial(codec_kv.encode_kv, quantizer=quantize)
 """``codec.encode_kv`` with the native quantizer (same arguments and bytes layout)."""
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             fmt: KVFormat) -> None:
+    """``kv_cache[slot // bs, :, slot % bs] = encode_kv(key, value, fmt, validate=False)`` for every token whose
+    ``slot_mapping`` entry is not negative (vLLM's padding), in one native call: ``key``/``value`` ``[n, Hk, D]``,
+    ``kv_cache`` uint8 pages ``[num_blocks, Hk, block_size, fmt.slot_bytes]`` (any strides), CPU tensors."""
+    kernel = _store_kernel()
+    if kernel is None:
+        raise RuntimeError("the native E8 quantizer is not built; reinstall nexusquant_vllm (pip install -e .)")
+    n, num_kv_heads, d = key.shape
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"native store_kv needs head_dim <= {MAX_HEAD_DIM}")
+    k, v = (t.to(torch.float32).contiguous() for t in (key, value))
+    slots = slot_mapping.to(torch.int64).contiguous()
+    item = kv_cache.element_size()
+    strides = [s * item for s in kv_cache.stride()[:3]]
+    tables = [ptr(t) for t in _tables()]
+
+    def run(begin: int, end: int) -> None:
+        kernel(ptr(k), ptr(v), begin, end, d, num_kv_heads, ptr(slots),
+               ptr(kv_cache), *strides, kv_cache.shape[2], *_config(fmt.k_bits), *_config(fmt.v_bits), *tables)
+
+    rows = n * num_kv_heads
+    run_split(run, rows, max(1, min(torch.get_num_threads(), rows // _STORE_MIN_ROWS_PER_THREAD)))

@@ -37,8 +37,10 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from nexusquant_vllm import native
+from nexusquant_vllm.vllm_glue import triton_path
 from nexusquant_vllm.vllm_glue.dtypes import (
     E8_DTYPES,
+    SCALAR_PREFIX,
     backend_class_name,
     codec_for,
     get_format,
@@ -46,7 +48,8 @@ from nexusquant_vllm.vllm_glue.dtypes import (
     uses_native_cpu,
 )
 from nexusquant_vllm.vllm_glue.eviction import scores as eviction_scores
-from nexusquant_vllm.vllm_glue.paged_attention import RequestGroup, attend, plan_groups
+from nexusquant_vllm.vllm_glue.paged_attention import PageReader, RequestGroup, attend, plan_groups
+from nexusquant_vllm.vllm_glue.triton_path import KernelMetadata
 
 BACKEND_NAME = "NEXUSQUANT"
 SUPPORTED_MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -134,11 +137,26 @@ for _dtype in E8_DTYPES:
 @dataclass
 class NexusQuantMetadata:
     num_actual_tokens: int
-    groups: list[RequestGroup]
+    groups: list[RequestGroup]  # the torch path's plan (empty when ``kernel`` is set)
+    kernel: KernelMetadata | None = None  # the Triton path's batch (CUDA)
+
+
+def kernel_metadata(cam: CommonAttentionMetadata) -> KernelMetadata:
+    """vLLM's own device tensors of this step, trimmed to the real requests (no copy, no host sync)."""
+    num_reqs = cam.num_reqs
+    return KernelMetadata(
+        query_start_loc=cam.query_start_loc[: num_reqs + 1],
+        seq_lens=cam.seq_lens[:num_reqs],
+        block_table=cam.block_table_tensor[:num_reqs],
+        max_query_len=cam.max_query_len,
+        max_seq_len=cam.max_seq_len,
+    )
 
 
 class NexusQuantMetadataBuilder(AttentionMetadataBuilder[NexusQuantMetadata]):
-    """Per-step index tensors, built once and shared by every layer of the KV group."""
+    """Per-step index tensors, built once and shared by every layer of the KV group: the Triton kernels' batch on
+    CUDA (``triton_path.enabled``), the torch path's request groups otherwise (and for the ``scalar-*`` baselines,
+    which have no kernel)."""
 
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
@@ -146,6 +164,8 @@ class NexusQuantMetadataBuilder(AttentionMetadataBuilder[NexusQuantMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
         self.device = device
+        scalar = str(vllm_config.cache_config.cache_dtype).startswith(SCALAR_PREFIX)
+        self.use_kernels = not scalar and triton_path.enabled(torch.device(device), kv_cache_spec.head_size)
 
     def build(
         self,
@@ -154,6 +174,8 @@ class NexusQuantMetadataBuilder(AttentionMetadataBuilder[NexusQuantMetadata]):
         fast_build: bool = False,
     ) -> NexusQuantMetadata:
         cam = common_attn_metadata
+        if self.use_kernels:
+            return NexusQuantMetadata(cam.num_actual_tokens, groups=[], kernel=kernel_metadata(cam))
         seq_lens_cpu = cam.seq_lens_cpu_upper_bound
         if seq_lens_cpu is None:
             seq_lens_cpu = cam.seq_lens.cpu()
@@ -204,8 +226,11 @@ class NexusQuantImpl(AttentionImpl[NexusQuantMetadata]):
         self.codec = codec_for(kv_cache_dtype) if is_served(kv_cache_dtype) else None  # None: protected layer
         self.fmt = get_format(kv_cache_dtype, head_size) if self.codec is not None else None
         self.decode_rotated = getattr(self.codec, "decode_kv_rotated", None)
-        self.native_cpu = uses_native_cpu(kv_cache_dtype) and native.decode_attention_supports(
-            self.fmt, num_heads, num_kv_heads
+        # On CUDA, E8 and protected layers store and attend through the Triton kernels (not the scalar baselines).
+        self.triton = self.fmt is None or kv_cache_dtype in E8_DTYPES
+        # On CPU, the store of E8 layers and the decode rows of every layer (E8 and protected) go native.
+        self.native_cpu = (self.codec is None or uses_native_cpu(kv_cache_dtype)) and native.decode_attention_supports(
+            head_size, num_heads, num_kv_heads
         )
 
     # ---- store ------------------------------------------------------------------------------------------------
@@ -223,6 +248,12 @@ class NexusQuantImpl(AttentionImpl[NexusQuantMetadata]):
             return
         key = key[:n].view(n, self.num_kv_heads, self.head_size)
         value = value[:n].view(n, self.num_kv_heads, self.head_size)
+        if self.triton and triton_path.enabled(kv_cache.device, self.head_size):  # padding skipped on the device
+            triton_path.store(key, value, kv_cache, slot_mapping, self.fmt)
+            return
+        if self.fmt is not None and self.native_cpu and kv_cache.is_cpu:  # codes and writes the slots in place
+            native.store_kv(key, value, kv_cache, slot_mapping, self.fmt)
+            return
         valid = slot_mapping >= 0  # padding tokens carry slot -1
         if not bool(valid.all()):
             key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
@@ -232,8 +263,7 @@ class NexusQuantImpl(AttentionImpl[NexusQuantMetadata]):
         if self.fmt is not None:
             # No NaN/inf check on the hot path (it is a full pass); a non-finite vector gets a NaN scale and
             # decodes to NaN, never to plausible garbage.
-            encode = native.encode_kv if self.native_cpu and kv_cache.is_cpu else self.codec.encode_kv
-            kv_cache[blk, :, off] = encode(key, value, self.fmt, validate=False)
+            kv_cache[blk, :, off] = self.codec.encode_kv(key, value, self.fmt, validate=False)
         else:
             kv_cache[blk, :, off] = torch.cat([key, value], dim=-1).to(kv_cache.dtype)
 
@@ -262,40 +292,79 @@ class NexusQuantImpl(AttentionImpl[NexusQuantMetadata]):
         k = key[:n].view(n, self.num_kv_heads, self.head_size)
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
-        d = self.head_size
+        read_pages = self._page_reader(kv_cache)
 
-        if self.fmt is None:
-
-            def read_pages(ids: torch.Tensor):
-                pages = kv_cache.transpose(0, 1)[:, ids]  # head-major gather: [H, n, bs, 2D]
-                return pages[..., :d], pages[..., d:]
-
+        if attn_metadata.kernel is not None and self.triton:
             if eviction_scores.collecting():  # a prompt ends this step and asked for eviction
-                eviction_scores.observe(q, k, read_pages, self.scale)
-            attend(q, k, v, attn_metadata.groups, read_pages, self.scale, out)
+                qs, ks = (q, k) if self.fmt is None else (self.codec.rotate(q.float()), self.codec.rotate(k.float()))
+                eviction_scores.observe(qs, ks, read_pages, self.scale)
+            triton_path.attention(q, k, v, kv_cache, attn_metadata.kernel, self.scale, self.fmt, out)
             return output
 
-        fmt, decode = self.fmt, self.decode_rotated
-        rotate, unrotate = self.codec.rotate, self.codec.unrotate
+        if self.fmt is None:
+            if eviction_scores.collecting():
+                eviction_scores.observe(q, k, read_pages, self.scale)
+            groups = self._native_decode(q, k, v, kv_cache, attn_metadata.groups, out)
+            attend(q, k, v, groups, read_pages, self.scale, out)
+            return output
 
-        def read_pages_e8(ids: torch.Tensor):
-            return decode(kv_cache.transpose(0, 1)[:, ids], fmt)  # [H, n, bs, D] each
+        groups = attn_metadata.groups
+        if self._native_pages(kv_cache) and all(g.token_idx.shape[1] == 1 for g in groups):
+            # A decode-only step (no prompt ends in it, so no eviction scoring): the native kernel rotates q and the
+            # new K/V in and the output back, sparing three tiny torch matmuls per layer (each one wakes torch's
+            # thread pool, which costs more than the attention itself on a small CPU).
+            self._native_decode(q, k, v, kv_cache, groups, out, rotate=True)
+            return output
 
         # Scores and P @ V in the codec's rotated domain (the rotation is orthogonal): rotate q and this step's
         # raw K/V once, un-rotate the output once; the cached pages are never un-rotated.
-        out_rot = torch.empty(n, self.num_heads, d, dtype=torch.float32, device=q.device)
-        q_rot, k_rot = rotate(q.float()), rotate(k.float())
-        v_rot = rotate(v.float())
-        if eviction_scores.collecting():  # a prompt ends this step and asked for eviction
-            eviction_scores.observe(q_rot, k_rot, read_pages_e8, self.scale)
-        groups = attn_metadata.groups
-        if self.native_cpu and kv_cache.is_cpu:  # decode rows: the native kernel reads the codes in place
-            for grp in (g for g in groups if g.token_idx.shape[1] == 1):
-                rows = grp.token_idx[:, 0]
-                out_rot[rows] = native.decode_attention(
-                    q_rot[rows] * self.scale, k_rot[rows], v_rot[rows], kv_cache, grp.block_ids, grp.cached_len, fmt
-                )
-            groups = [g for g in groups if g.token_idx.shape[1] > 1]
-        attend(q_rot, k_rot, v_rot, groups, read_pages_e8, self.scale, out_rot)
-        out.copy_(unrotate(out_rot))
+        out_rot = torch.empty(n, self.num_heads, self.head_size, dtype=torch.float32, device=q.device)
+        q_rot, k_rot, v_rot = (self.codec.rotate(t.float()) for t in (q, k, v))
+        if eviction_scores.collecting():
+            eviction_scores.observe(q_rot, k_rot, read_pages, self.scale)
+        groups = self._native_decode(q_rot, k_rot, v_rot, kv_cache, groups, out_rot)
+        attend(q_rot, k_rot, v_rot, groups, read_pages, self.scale, out_rot)
+        out.copy_(self.codec.unrotate(out_rot))
         return output
+
+    def _page_reader(self, kv_cache: torch.Tensor) -> PageReader:
+        """The torch path's reader of cached blocks: head-major ``[Hk, n, block_size, D]`` K and V, dense or
+        E8-decoded in the codec's rotated domain."""
+        d, fmt, decode = self.head_size, self.fmt, self.decode_rotated
+
+        def read_dense(ids: torch.Tensor):
+            pages = kv_cache.transpose(0, 1)[:, ids]  # head-major gather: [H, n, bs, 2D]
+            return pages[..., :d], pages[..., d:]
+
+        def read_e8(ids: torch.Tensor):
+            return decode(kv_cache.transpose(0, 1)[:, ids], fmt)
+
+        return read_dense if fmt is None else read_e8
+
+    def _native_pages(self, kv_cache: torch.Tensor) -> bool:
+        """Whether the native CPU decode kernel reads this layer's pages."""
+        return self.native_cpu and kv_cache.is_cpu and (self.fmt is not None or kv_cache.dtype in native.DENSE_DTYPES)
+
+    def _native_decode(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        groups: list[RequestGroup],
+        out: torch.Tensor,
+        rotate: bool = False,
+    ) -> list[RequestGroup]:
+        """Decode rows (one query token per request) through the native CPU kernel, which reads the pages in place;
+        returns the groups left for ``attend``. ``q``/``k``/``v`` and ``out`` are in the pages' domain (rotated for E8
+        pages), or in the model's domain with ``rotate``."""
+        if not self._native_pages(kv_cache):
+            return groups
+        for grp in (g for g in groups if g.token_idx.shape[1] == 1):
+            args = (kv_cache, grp.block_ids, grp.cached_len, self.scale, self.fmt, rotate)
+            if grp.token_idx.shape[0] == q.shape[0]:  # the whole batch decodes: its rows are 0..n-1, in order
+                out.copy_(native.decode_attention(q, k, v, *args))
+            else:
+                rows = grp.token_idx[:, 0]
+                out[rows] = native.decode_attention(q[rows], k[rows], v[rows], *args).to(out.dtype)
+        return [g for g in groups if g.token_idx.shape[1] > 1]

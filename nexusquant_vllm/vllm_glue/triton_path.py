@@ -8,7 +8,8 @@ decode rows of a mixed batch. Both kernels mask vLLM's null block (eviction hole
 ``[K | V]`` rows of protected layers in place.
 
 No vLLM import (the kernels' tests drive this module on the CPU under ``TRITON_INTERPRET=1``). ``NEXUSQUANT_ATTENTION
-=torch`` in the environment keeps a CUDA run on the torch path (``paged_attention.attend``), for comparison.
+=torch`` in the environment keeps a CUDA run on the torch path (``paged_attention.attend``), for comparison;
+``NEXUSQUANT_ATTENTION=triton`` with ``TRITON_INTERPRET=1`` puts a CPU run on this path (slow; for tests).
 """
 
 from __future__ import annotations
@@ -44,8 +45,12 @@ def supports(head_dim: int) -> bool:
 
 
 def enabled(device: torch.device, head_dim: int) -> bool:
-    """Use this path: a CUDA device, a head_dim the kernels support, and not forced off by ``NEXUSQUANT_ATTENTION``."""
-    return device.type == "cuda" and supports(head_dim) and os.environ.get(ATTENTION_ENV, "triton") != "torch"
+    """Use this path: a head_dim the kernels support, on a CUDA device unless ``NEXUSQUANT_ATTENTION=torch``, or on
+    the CPU under ``TRITON_INTERPRET=1`` when ``NEXUSQUANT_ATTENTION=triton`` asks for it (tests of the wiring)."""
+    choice = os.environ.get(ATTENTION_ENV, "auto")
+    if device.type == "cuda":
+        return supports(head_dim) and choice != "torch"
+    return choice == "triton" and os.environ.get("TRITON_INTERPRET") == "1" and supports(head_dim)
 
 
 def store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,

@@ -66,10 +66,15 @@ def test_triton_path_matches_torch_path(device, name, query_lens):
     assert float(err) < 1e-2
 
 
-def test_enabled_only_on_cuda_with_supported_head_dim(monkeypatch):
+def test_enabled_on_cuda_with_supported_head_dim_and_on_cpu_only_when_asked(monkeypatch):
     monkeypatch.delenv(triton_path.ATTENTION_ENV, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not triton_path.enabled(torch.device("cpu"), 64)
     assert triton_path.enabled(torch.device("cuda"), 64)
     assert not triton_path.enabled(torch.device("cuda"), 80)
     monkeypatch.setenv(triton_path.ATTENTION_ENV, "torch")
     assert not triton_path.enabled(torch.device("cuda"), 64)
+    monkeypatch.setenv(triton_path.ATTENTION_ENV, "triton")
+    assert triton_path.enabled(torch.device("cpu"), 64)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not triton_path.enabled(torch.device("cpu"), 64)

@@ -87,3 +87,28 @@ def test_encode_kv_native_is_a_drop_in():
 def test_bad_shapes_are_refused(shape):
     with pytest.raises(ValueError, match="head_dim % 8 == 0"):
         native.quantize(torch.randn(*shape), 3)
+
+
+@pytest.mark.parametrize("dtype,block_size,model_dtype", [("e8-k3v2", 16, torch.bfloat16), ("e8-k4v4", 32, torch.float32),
+                                                          ("e8-k2v2", 16, torch.float16)])
+def test_store_kv_writes_the_slots_of_encode_kv(dtype, block_size, model_dtype):
+    """Same bytes as encode_kv + the slot scatter, padding tokens (slot -1) skipped, other slots untouched, a
+    non-finite vector stored with a NaN scale; the cache is a strided (head-major permuted) view."""
+    torch.manual_seed(3)
+    fmt = codec.get_format(dtype, 64)
+    num_blocks, num_kv_heads, n = 6, 3, 40
+    key, value = (torch.randn(2, n, num_kv_heads, 64) * 4).to(model_dtype).unbind(0)
+    key[5, 1, 3] = float("inf")
+    value[9, 0, 0] = float("nan")
+    slots = torch.randperm(num_blocks * block_size)[:n]
+    slots[[2, 17]] = -1
+    storage = torch.randint(0, 256, (num_kv_heads, num_blocks, block_size, fmt.slot_bytes), dtype=torch.uint8)
+    cache = storage.transpose(0, 1)  # [num_blocks, Hk, bs, slot]
+    expected = cache.clone()
+    valid = slots >= 0
+    encoded = native.encode_kv(key[valid], value[valid], fmt, validate=False)
+    expected[slots[valid] // block_size, :, slots[valid] % block_size] = encoded
+    native.store_kv(key, value, cache, slots, fmt)
+    assert torch.equal(cache, expected)
+    _, _, k_scale, v_scale = codec.split_slots(cache[slots[5] // block_size, 1, slots[5] % block_size], fmt)
+    assert torch.isnan(k_scale) and torch.isfinite(v_scale)
