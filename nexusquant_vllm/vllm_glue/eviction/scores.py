@@ -14,13 +14,11 @@ chunks' pages when the prefill was chunked.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from nexusquant_vllm.eviction import WindowAttentionScorer
-
-PageReader = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+from nexusquant_vllm.vllm_glue.paged_attention import PageReader
 
 
 @dataclass

@@ -1,0 +1,436 @@
+"""Offline simulation of nexusquant's block eviction in HF transformers, to compare token-scoring and block-aggregation
+variants cheaply before running them through vLLM (benchmarks/eviction.py).
+
+Protocol (the continuation-perplexity protocol of benchmarks/eviction.py, same chunks): for each chunk, the float32
+model prefills the first P tokens once, recording every layer's post-RoPE queries and keys and its values (the
+tensors the vLLM hook can see). Each variant turns them into one score per logical 32-token block; the shipped
+policy (``nexusquant_vllm.eviction.blocks_to_free``: first block and last 32 prefix tokens kept, budget rounded down
+to whole blocks) picks the blocks to free; then the continuation tokens P..P+C-1 run over the prefix's K/V with the
+freed blocks masked in every layer and head (what vLLM's null-block masking does) and the NLL of tokens P+1..P+C is
+summed. Rate 0 is the same continuation with nothing masked.
+
+Reported per variant and rate: ΔPPL vs rate 0 and the paired ΔPPL vs the ``snapkv`` variant (the scorer shipped
+before this study: window 32, avg-pool 5, mean over heads, sum over layers, block = max token), each with a 95%
+bootstrap CI over chunks (``common.paired_delta``). Writes results/eviction_offline.{json,md}.
+
+    python -m benchmarks.eviction_offline [--chunks 8] [--prefix-lens 1024] [--rates 0.35,0.6] [--variants a,b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from nexusquant_vllm.eviction import EvictionPolicy, WindowAttentionScorer, blocks_to_free
+
+NAME = "eviction_offline"
+BLOCK = 32
+ATTENTION = "nexusquant_eviction_sim"
+BASELINE = "snapkv"
+MAX_WINDOW = 256  # the most prompt queries any variant looks at (vLLM's last prefill chunk in benchmarks/eviction.py)
+FUTURE = 512  # kvpress ExpectedAttention's n_future_positions
+SINKS = 4  # kvpress ExpectedAttention's n_sink
+
+
+@dataclass
+class SimState:
+    """What the attention function records (prefill) or masks (continuation)."""
+
+    record: bool = True
+    queries: list[torch.Tensor] = field(default_factory=list)  # per layer [Hq, P, D], post-RoPE
+    keys: list[torch.Tensor] = field(default_factory=list)  # per layer [Hk, P, D], post-RoPE
+    values: list[torch.Tensor] = field(default_factory=list)  # per layer [Hk, P, D]
+    evicted: torch.Tensor | None = None  # bool [batch, P]: prefix positions masked for each continuation
+
+
+STATE = SimState()
+
+
+def sim_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                  **kwargs) -> tuple[torch.Tensor, None]:
+    """sdpa with GQA. Prefill: records Q/K/V. Continuation (a batch of masks, no cache): the new tokens attend to
+    the recorded prefix K/V, minus each batch row's evicted positions, and causally to themselves."""
+    layer = module.layer_idx
+    batch, t = query.shape[0], query.shape[2]
+    if STATE.record:
+        STATE.queries.append(query[0])
+        STATE.keys.append(key[0])
+        STATE.values.append(value[0])
+        mask = torch.ones(t, t, dtype=torch.bool).tril()
+    else:
+        prefix = STATE.keys[layer].shape[1]
+        key = torch.cat([STATE.keys[layer][None].expand(batch, -1, -1, -1), key], dim=2)
+        value = torch.cat([STATE.values[layer][None].expand(batch, -1, -1, -1), value], dim=2)
+        mask = torch.ones(batch, 1, t, prefix + t, dtype=torch.bool).tril(prefix)
+        mask[..., :prefix] &= ~STATE.evicted[:, None, None, :]
+    groups = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def load_model(path: str) -> PreTrainedModel:
+    AttentionInterface.register(ATTENTION, sim_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=ATTENTION).eval()
+
+
+# ---- scores -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prefill:
+    """One prefix: per layer the window attention ``probs[l]`` [Hq, MAX_WINDOW, P] of its last queries, the raw
+    post-RoPE tensors, and kvpress-style query statistics (pre-RoPE mean/covariance, averaged future RoPE)."""
+
+    probs: list[torch.Tensor]
+    queries: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    scale: float
+    unrotated: list[torch.Tensor]  # per layer [Hq, P, D]: pre-RoPE queries
+    future_rotation: torch.Tensor  # [D, D]: RoPE rotation averaged over the next FUTURE positions
+
+    @property
+    def tokens(self) -> int:
+        return self.keys[0].shape[1]
+
+
+def window_probs(q: torch.Tensor, k: torch.Tensor, window: int, scale: float) -> torch.Tensor:
+    """Softmax rows of the last ``window`` queries over the causal prefix: [Hq, window, P]."""
+    tokens = k.shape[1]
+    kk = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+    logits = q[:, tokens - window :] @ kk.transpose(-1, -2) * scale
+    pos = torch.arange(tokens - window, tokens)[:, None]
+    return logits.masked_fill(torch.arange(tokens) > pos, float("-inf")).softmax(-1)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def rope_tables(model: PreTrainedModel, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [count, D] of positions start..start+count-1, from the model's own rotary embedding."""
+    ref = torch.zeros(1, dtype=torch.float32)
+    cos, sin = model.model.rotary_emb(ref, torch.arange(start, start + count)[None])
+    return cos[0], sin[0]
+
+
+def future_rotation(model: PreTrainedModel, start: int) -> torch.Tensor:
+    """The RoPE rotation matrix averaged over positions start..start+FUTURE-1 (kvpress's ``apply_avg_rope``)."""
+    cos, sin = rope_tables(model, start, FUTURE)
+    d = cos.shape[-1]
+    perm = torch.zeros(d, d)  # perm @ x == rotate_half(x)
+    perm[d // 2 :, : d // 2], perm[: d // 2, d // 2 :] = torch.eye(d // 2), -torch.eye(d // 2)
+    return (cos[:, :, None] * torch.eye(d) + sin[:, :, None] * perm).mean(0)
+
+
+def pool(x: torch.Tensor, width: int, kind: str) -> torch.Tensor:
+    """Pool the last dimension of ``x`` over ``width`` neighbouring positions (same length)."""
+    if width == 1:
+        return x
+    flat = x.reshape(-1, 1, x.shape[-1])
+    if kind == "avg":
+        out = torch.nn.functional.avg_pool1d(flat, width, stride=1, padding=width // 2, count_include_pad=False)
+    else:
+        out = torch.nn.functional.max_pool1d(flat, width, stride=1, padding=width // 2)
+    return out.reshape(x.shape)
+
+
+def per_head(pre: Prefill, window: int, layers: slice = slice(None)) -> torch.Tensor:
+    """[L, Hq, P]: each head's attention distribution averaged over the last ``window`` queries."""
+    return torch.stack([p[:, -window:].mean(1) for p in pre.probs[layers]])
+
+
+def blocks_of(x: torch.Tensor) -> torch.Tensor:
+    """[..., P] -> [..., P // BLOCK, BLOCK] (the partial last block is dropped: it is never eligible)."""
+    n = x.shape[-1] // BLOCK
+    return x[..., : n * BLOCK].reshape(*x.shape[:-1], n, BLOCK)
+
+
+def aggregate(mass_: torch.Tensor, head: str, layer: str = "sum") -> torch.Tensor:
+    """[L, H, blocks] -> [blocks]: max or mean over heads, sum or max over layers."""
+    m = mass_.amax(1) if head == "max" else mass_.mean(1)
+    return m.sum(0) if layer == "sum" else m.amax(0)
+
+
+def snapkv(pre: Prefill, window: int = 32, width: int = 5, kind: str = "avg", block: str = "max",
+           layers: slice = slice(None)) -> torch.Tensor:
+    """Token score = mean over heads of the window attention, pooled, summed over layers; block = max/mean."""
+    tok = pool(per_head(pre, window, layers).mean(1), width, kind).sum(0)
+    b = blocks_of(tok)
+    return b.amax(-1) if block == "max" else b.mean(-1)
+
+
+def shipped(pre: Prefill) -> torch.Tensor:
+    """The product's default scorer (``WindowAttentionScorer()``), summed over layers; block = max token."""
+    scorer = WindowAttentionScorer()
+    tok = sum(scorer.score(q, k, pre.scale) for q, k in zip(pre.queries, pre.keys))
+    return blocks_of(tok).amax(-1)
+
+
+def snapkv_headmax(pre: Prefill, window: int = 32, width: int = 5) -> torch.Tensor:
+    """Token score = max over heads of each head's pooled window attention, summed over layers; block = max."""
+    return blocks_of(pool(per_head(pre, window), width, "avg").amax(1).sum(0)).amax(-1)
+
+
+def normalised_sum(a: Callable[[Prefill], torch.Tensor], b: Callable[[Prefill], torch.Tensor]
+                   ) -> Callable[[Prefill], torch.Tensor]:
+    """Sum of two block scorers, each divided by its total over the blocks."""
+    def score(pre: Prefill) -> torch.Tensor:
+        x, y = a(pre), b(pre)
+        return x / x.sum() + y / y.sum()
+    return score
+
+
+def mass(pre: Prefill, window: int = 32, head: str = "max", layer: str = "sum",
+         layers: slice = slice(None)) -> torch.Tensor:
+    """Block score = the window attention mass each head would lose with the block, over heads and layers."""
+    return aggregate(blocks_of(per_head(pre, window, layers)).sum(-1), head, layer)
+
+
+def expected(pre: Prefill, window: int = 128, head: str = "max", vnorm: bool = False) -> torch.Tensor:
+    """Expected attention from post-RoPE window statistics (computable in the vLLM hook): each head's future
+    queries ~ Gaussian (mean, covariance) of its last ``window`` post-RoPE queries; expected logit of key k is
+    mu.k*s + 0.5*s^2 k'Ck; softmax over the prefix (optionally x |v|, renormalised); block = mass."""
+    out = []
+    for q, k, v in zip(pre.queries, pre.keys, pre.values):
+        out.append(expected_probs(q[:, -window:], k, v, pre.scale, vnorm, None))
+    return aggregate(blocks_of(torch.stack(out)).sum(-1), head)
+
+
+def expected_kvpress(pre: Prefill, head: str = "max", vnorm: bool = True) -> torch.Tensor:
+    """kvpress ExpectedAttention's statistics (pre-RoPE queries of the whole prefix minus 4 sinks, rotated by the
+    RoPE averaged over the next 512 positions), with our block mass aggregation (needs the model's RoPE: sim only)."""
+    out = []
+    for q, k, v in zip(pre.unrotated, pre.keys, pre.values):
+        out.append(expected_probs(q[:, SINKS:], k, v, pre.scale, vnorm, pre.future_rotation))
+    return aggregate(blocks_of(torch.stack(out)).sum(-1), head)
+
+
+def expected_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, vnorm: bool,
+                   rotation: torch.Tensor | None) -> torch.Tensor:
+    """[Hq, P] expected attention distribution of a head's future queries, modelled from the sample ``q``."""
+    groups = q.shape[0] // k.shape[0]
+    mu = q.mean(1)  # [Hq, D]
+    centered = q - mu[:, None]
+    cov = centered.transpose(1, 2) @ centered / q.shape[1]  # [Hq, D, D]
+    if rotation is not None:
+        mu, cov = mu @ rotation.T, rotation @ cov @ rotation.T
+    kk = k.repeat_interleave(groups, dim=0)  # [Hq, P, D]
+    logits = (kk @ mu[:, :, None])[..., 0] * scale + 0.5 * scale**2 * ((kk @ cov) * kk).sum(-1)
+    p = logits.softmax(-1)
+    if vnorm:
+        p = p * v.repeat_interleave(groups, dim=0).norm(dim=-1)
+        p = p / p.sum(-1, keepdim=True)
+    return p
+
+
+def keep_recent(scorer: Callable[[Prefill], torch.Tensor], tokens: int) -> Callable[[Prefill], torch.Tensor]:
+    """``scorer`` with the blocks touching the last ``tokens`` prefix tokens kept (scored +inf)."""
+    def score(pre: Prefill) -> torch.Tensor:
+        s = scorer(pre).clone()
+        s[(pre.tokens - tokens) // BLOCK :] = float("inf")
+        return s
+    return score
+
+
+def recency(pre: Prefill) -> torch.Tensor:
+    """StreamingLLM-like reference: the oldest blocks (after the sink) go first."""
+    return torch.arange(pre.tokens // BLOCK, dtype=torch.float32)
+
+
+def rank_mix(a: Callable[[Prefill], torch.Tensor], b: Callable[[Prefill], torch.Tensor]
+             ) -> Callable[[Prefill], torch.Tensor]:
+    """Sum of the ranks given by two block scorers."""
+    def score(pre: Prefill) -> torch.Tensor:
+        return a(pre).argsort().argsort().float() + b(pre).argsort().argsort().float()
+    return score
+
+
+LATE = slice(2, None)
+VARIANTS: dict[str, Callable[[Prefill], torch.Tensor]] = {
+    "snapkv": snapkv,
+    "shipped": shipped,
+    "recency": recency,
+    "snapkv_blockmean": lambda p: snapkv(p, block="mean"),
+    "snapkv_nopool": lambda p: snapkv(p, width=1),
+    "snapkv_w128": lambda p: snapkv(p, window=128),
+    "snapkv_skip2": lambda p: snapkv(p, layers=LATE),
+    "snapkv_recent128": keep_recent(snapkv, 128),
+    "mass_mean": lambda p: mass(p, head="mean"),
+    "mass_max": lambda p: mass(p, head="max"),
+    "mass_max_layermax": lambda p: mass(p, head="max", layer="max"),
+    "mass_max_w128": lambda p: mass(p, window=128, head="max"),
+    "mass_max_w256": lambda p: mass(p, window=256, head="max"),
+    "mass_mean_w128": lambda p: mass(p, window=128, head="mean"),
+    "expected_max": lambda p: expected(p, head="max"),
+    "expected_mean": lambda p: expected(p, head="mean"),
+    "expected_max_vnorm": lambda p: expected(p, head="max", vnorm=True),
+    "expected_mean_vnorm": lambda p: expected(p, head="mean", vnorm=True),
+    "expected_max_w256_vnorm": lambda p: expected(p, window=256, head="max", vnorm=True),
+    "expected_max_w32_vnorm": lambda p: expected(p, window=32, head="max", vnorm=True),
+    "kvpress_ea_max": lambda p: expected_kvpress(p, head="max"),
+    "kvpress_ea_mean": lambda p: expected_kvpress(p, head="mean"),
+    "kvpress_ea_max_novnorm": lambda p: expected_kvpress(p, head="max", vnorm=False),
+    "snapkv_headmax": snapkv_headmax,
+    "mix_snapkv_mass_max": rank_mix(snapkv, lambda p: mass(p, head="max")),
+    "sum_snapkv_mass_max": normalised_sum(snapkv, lambda p: mass(p, head="max")),
+    "mix_mass_expected": rank_mix(lambda p: mass(p, head="max"), lambda p: expected(p, head="max", vnorm=True)),
+}
+
+
+def evicted_mask(block_scores: torch.Tensor, tokens: int, rate: float) -> torch.Tensor:
+    """Prefix positions freed by the shipped policy (``blocks_to_free``, defaults) for these block scores."""
+    token_scores = torch.zeros(tokens)
+    full = block_scores.shape[0] * BLOCK
+    token_scores[:full] = block_scores.repeat_interleave(BLOCK)  # a block's max token = its score
+    mask = torch.zeros(tokens, dtype=torch.bool)
+    for b in blocks_to_free(token_scores, BLOCK, EvictionPolicy(rate=rate, min_prompt_tokens=0)):
+        mask[b * BLOCK : (b + 1) * BLOCK] = True
+    return mask
+
+
+# ---- run ----------------------------------------------------------------------------------------------------------
+
+
+def prefill(model: PreTrainedModel, ids: torch.Tensor, prefix_len: int) -> Prefill:
+    STATE.record, STATE.queries, STATE.keys, STATE.values = True, [], [], []
+    with torch.inference_mode():
+        model.model(ids[:, :prefix_len], use_cache=False)
+        scale = model.model.layers[0].self_attn.scaling
+        window = min(MAX_WINDOW, prefix_len)
+        probs = [window_probs(q, k, window, scale) for q, k in zip(STATE.queries, STATE.keys)]
+        cos, sin = rope_tables(model, 0, prefix_len)
+        unrotated = [q * cos - rotate_half(q) * sin for q in STATE.queries]
+        rotation = future_rotation(model, prefix_len)
+    return Prefill(probs, STATE.queries, STATE.keys, STATE.values, scale, unrotated, rotation)
+
+
+def continuation_nll(model: PreTrainedModel, ids: torch.Tensor, prefix_len: int, cont_len: int,
+                     masks: list[torch.Tensor]) -> list[float]:
+    """Summed NLL of the scored tokens for each evicted-position mask, as one batch over the recorded prefix."""
+    from benchmarks.eviction import scored_positions
+
+    STATE.record, STATE.evicted = False, torch.stack(masks)
+    batch = len(masks)
+    inputs = ids[:, prefix_len : prefix_len + cont_len].expand(batch, -1)
+    positions = torch.arange(prefix_len, prefix_len + cont_len)[None].expand(batch, -1)
+    targets = ids[0, scored_positions(prefix_len, cont_len)]
+    with torch.inference_mode():
+        hidden = model.model(inputs, position_ids=positions, use_cache=False).last_hidden_state
+        return [float(torch.nn.functional.cross_entropy(model.lm_head(h), targets, reduction="sum")) for h in hidden]
+
+
+def key_of(prefix_len: int, rate: float, variant: str) -> str:
+    return f"{prefix_len}|{rate}|{variant}"
+
+
+def run(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from benchmarks.common import smollm2_path
+    from benchmarks.eviction import chunk_digest, continuation_chunks
+
+    path = str(smollm2_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = load_model(path)
+    nll: dict[str, list[float]] = {}
+    evicted: dict[str, list[float]] = {}
+    digests: dict[int, str] = {}
+    t0 = time.time()
+    for prefix_len in args.prefix_lens:
+        chunks = continuation_chunks(tokenizer, prefix_len, args.cont_len, args.chunks, args.seed)
+        digests[prefix_len] = chunk_digest(chunks)
+        for chunk in tqdm(chunks, desc=f"prefix {prefix_len}"):
+            ids = torch.tensor([chunk])
+            pre = prefill(model, ids, prefix_len)
+            keys, masks = [key_of(prefix_len, 0.0, "-")], [torch.zeros(prefix_len, dtype=torch.bool)]
+            for name in args.variants:
+                with torch.inference_mode():
+                    scores = VARIANTS[name](pre)
+                for rate in args.rates:
+                    keys.append(key_of(prefix_len, rate, name))
+                    masks.append(evicted_mask(scores, prefix_len, rate))
+            for i in range(0, len(masks), args.batch):
+                nlls = continuation_nll(model, ids, prefix_len, args.cont_len, masks[i : i + args.batch])
+                for key, mask, value in zip(keys[i : i + args.batch], masks[i : i + args.batch], nlls):
+                    nll.setdefault(key, []).append(value)
+                    evicted.setdefault(key, []).append(mask.float().mean().item())
+    config = {**vars(args), "block_size": BLOCK, "chunk_digests": digests, "wall_s": round(time.time() - t0, 1)}
+    return {"config": config, "nll": nll, "evicted": evicted}
+
+
+def rows_of(result: dict) -> list[dict]:
+    """One row per (prefix, rate, variant): ΔPPL vs rate 0 and paired Δ vs the baseline variant, 95% CIs."""
+    from benchmarks.common import paired_delta
+
+    cont_len = result["config"]["cont_len"]
+    nll = {k: np.array(v) for k, v in result["nll"].items()}
+    rows = []
+    for key, x in nll.items():
+        prefix, rate, name = key.split("|")
+        if name == "-":
+            continue
+        d, lo, hi = paired_delta(x, nll[key_of(int(prefix), 0.0, "-")], cont_len)
+        row = {"prefix_len": int(prefix), "rate": float(rate), "variant": name,
+               "fraction_evicted": float(np.mean(result["evicted"][key])), "delta_ppl": d, "ci_low": lo, "ci_high": hi}
+        base = nll.get(key_of(int(prefix), float(rate), BASELINE))
+        if base is not None:
+            b, blo, bhi = paired_delta(x, base, cont_len)
+            row.update(vs_baseline=b, vs_ci_low=blo, vs_ci_high=bhi)
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["prefix_len"], r["rate"], r["delta_ppl"]))
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"| prefix | rate | variant | evicted | ΔPPL vs rate 0 [95% CI] | Δ vs {BASELINE} [95% CI] |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        vs = (f"{100 * r['vs_baseline']:+.2f}% [{100 * r['vs_ci_low']:+.2f}, {100 * r['vs_ci_high']:+.2f}]"
+              if "vs_baseline" in r else "")
+        lines.append(f"| {r['prefix_len']} | {r['rate']:.2f} | {r['variant']} | {r['fraction_evicted']:.2f} | "
+                     f"{100 * r['delta_ppl']:+.2f}% [{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}] | {vs} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from benchmarks.common import write_results
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
+    parser.add_argument("--rates", type=lambda s: [float(r) for r in s.split(",")], default=[0.35, 0.6])
+    parser.add_argument("--prefix-lens", type=lambda s: [int(p) for p in s.split(",")], default=[1024])
+    parser.add_argument("--cont-len", type=int, default=128)
+    parser.add_argument("--chunks", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8, help="continuations per forward")
+    parser.add_argument("--name", default=NAME, help="results/<name>.{json,md}")
+    args = parser.parse_args()
+    if BASELINE not in args.variants:
+        args.variants.insert(0, BASELINE)
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
+    torch.set_num_threads(args.threads)
+    result = run(args)
+    rows = rows_of(result)
+    markdown = (f"Offline block-eviction simulation (HF float32, {args.chunks} chunks per prefix length, "
+                f"{args.cont_len} scored tokens each; `python -m benchmarks.eviction_offline`)\n\n" + table(rows))
+    write_results(args.name, {**result, "rows": rows}, markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
