@@ -105,6 +105,7 @@ def main() -> None:
     p.add_argument("--batch-tokens", type=int, default=256)
     p.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="quality_ppl", help="results/NAME.{json,md,png} (a focused rerun keeps the full table)")
     args = p.parse_args()
 
     model = str(smollm2_path())
@@ -171,8 +172,8 @@ def report(args, dtypes, nll, walls, errors, n_scored, n_protected) -> None:
         table += ["", "| pair | ΔPPL of e8 vs scalar (paired) | 95% CI |", "|---|---|---|"]
         table += [f"| {r['e8']} vs {r['scalar']} | {100 * r['delta_ppl']:+.2f}% | [{100 * r['ci_low']:+.2f}%, "
                   f"{100 * r['ci_high']:+.2f}%] |" for r in payload["e8_vs_scalar"]]
-    json_path, md_path = write_results("quality_ppl", payload, "\n".join(table))
-    plot(rows, RESULTS_DIR / "quality_ppl.png")
+    write_results(args.name, payload, "\n".join(table))
+    plot(rows, RESULTS_DIR / f"{args.name}.png")
     print("\n".join(table), flush=True)
 
 
