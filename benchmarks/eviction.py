@@ -186,7 +186,7 @@ def quality(args) -> None:
         payload["ppl"] += ppl_rows
         payload["passkey"] += passkey_rows
         table = ppl_table(with_deltas(payload["ppl"], "dtype", args.cont_len))
-        write_results(QUALITY, payload, table)  # partial results survive
+        write_results(args.name, payload, table)  # partial results survive
     print(table)
 
 
@@ -360,6 +360,7 @@ def main() -> None:
     q.add_argument("--passkey-trials", type=int, default=5)
     q.add_argument("--passkey-tokens", type=int, default=768)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--name", default=QUALITY, help="results/NAME.{json,md}; `report` reads the default name")
     sub.add_parser("report", help="tables, targets and plots from the results JSON files")
     args = parser.parse_args()
     if args.command == "quality" and 0.0 not in args.rates:

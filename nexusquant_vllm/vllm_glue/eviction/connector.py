@@ -46,7 +46,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
-from nexusquant_vllm.eviction import EvictionPolicy, WindowAttentionScorer, blocks_to_free
+from nexusquant_vllm.eviction import EvictionPolicy, WindowAttentionScorer, blocks_to_free, heads_for_rate
 from nexusquant_vllm.vllm_glue.dtypes import is_served
 from nexusquant_vllm.vllm_glue.eviction import params, scores
 from nexusquant_vllm.vllm_glue.eviction.metrics import EvictionPromMetrics, EvictionStats
@@ -175,22 +175,23 @@ class NQEvictionConnector(KVConnectorBase_V1):
         for row, req_id in enumerate(batch.req_ids):
             n_sched = scheduler_output.num_scheduled_tokens.get(req_id, 0)
             state = runner.requests[req_id]
-            cached, evict_at = int(batch.num_computed_tokens_cpu[row]), self._eviction_point(state)
-            if evict_at is not None and cached < evict_at <= cached + n_sched:
+            cached, point = int(batch.num_computed_tokens_cpu[row]), self._eviction_point(state)
+            if point is not None and cached < point[0] <= cached + n_sched:
+                evict_at, rate = point
                 plan.append(scores.ScoredRequest(req_id, start, cached, evict_at, list(state.block_ids[0]),
-                                                 self.block_size))
+                                                 self.block_size, heads_for_rate(rate)))
             start += n_sched
         return plan
 
-    def _eviction_point(self, state) -> int | None:
-        """The prompt tokens to score and evict among, or None if this request evicts nothing."""
+    def _eviction_point(self, state) -> tuple[int, float] | None:
+        """The prompt tokens to score and evict among and the request's rate, or None if it evicts nothing."""
         extra_args = state.sampling_params.extra_args
         try:
             policy = params.request_policy(self.default_policy, extra_args)
             evict_at = params.eviction_point(extra_args, state.num_prompt_tokens)
         except ValueError:
             return None
-        return evict_at if policy.rate > 0 and evict_at >= policy.min_prompt_tokens else None
+        return (evict_at, policy.rate) if policy.rate > 0 and evict_at >= policy.min_prompt_tokens else None
 
     # ---- scheduler side ---------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ chunks' pages when the prefill was chunked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -31,6 +31,7 @@ class ScoredRequest:
     num_prompt: int
     block_ids: list[int]  # physical blocks of the request (group 0), for the cached part
     block_size: int
+    heads: str = "mean"  # the scorer's head reduction for this request's eviction rate
 
 
 @dataclass
@@ -58,8 +59,8 @@ class ScoreCollector:
                 keys = torch.cat([k_cached, keys], dim=1)
             queries = query.new_zeros(query.shape[1], req.num_prompt, query.shape[2], dtype=torch.float32)
             queries[:, req.num_prompt - window :] = query[rows].float().transpose(0, 1)
-            scorer = self.scorer if window == self.scorer.window else WindowAttentionScorer(window, self.scorer.pool)
-            layer_scores = scorer.score(queries, keys, scale)
+            scorer = replace(self.scorer, window=window, heads=req.heads)
+            layer_scores = scorer.score(queries, keys, scale, block_size=req.block_size)
             total = self.scores.get(req.req_id)
             self.scores[req.req_id] = layer_scores if total is None else total + layer_scores
 
