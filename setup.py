@@ -18,10 +18,12 @@ NATIVE = [
     Extension(
         f"nexusquant_vllm.native.{name}",
         sources=[f"csrc/{name.lstrip('_')}.cpp"],
-        depends=["csrc/hadamard.h"],
+        depends=["csrc/hadamard.h", "csrc/parallel.h"],
         language="c++",
         # -Wno-psabi: the AVX vector types never cross a function boundary (all inlined), so no ABI note applies.
-        extra_compile_args=["-O3", "-std=c++17", "-Wno-psabi"],
+        # -fopenmp: libgomp, which torch's CPU wheel loads first, so its thread team is shared (csrc/parallel.h).
+        extra_compile_args=["-O3", "-std=c++17", "-Wno-psabi", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
     )
     for name in ("_e8_quantize_cpu", "_e8_decode_attention_cpu")
 ]

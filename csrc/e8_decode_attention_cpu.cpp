@@ -14,6 +14,7 @@
 #include <limits>
 
 #include "hadamard.h"
+#include "parallel.h"
 
 namespace {
 
@@ -334,9 +335,9 @@ NQ_HOT void attend_dense(int dtype, const Problem& pb, int64_t pair_begin, int64
 
 extern "C" {
 
-// Both entry points: rows [pair_begin, pair_end) of the (request, KV head) pairs. q: [R, Hk*gqa, d] float32 queries
-// (in the pages' domain, or for E8 pages with rotate set in the model's domain); k_new/v_new: [R, Hk, d] float32 K/V
-// of the current token, same domain as q; cache: pages with byte strides (block, head, token); block_table: int64
+// Both entry points: the `pairs` = R * Hk (request, KV head) pairs, over up to `threads` OpenMP threads. q:
+// [R, Hk*gqa, d] float32 queries (in the pages' domain, or for E8 pages with rotate set in the model's domain);
+// k_new/v_new: [R, Hk, d] float32 K/V of the current token, same domain as q; cache: pages with byte strides (block, head, token); block_table: int64
 // [R, table_width]; cached: int64 [R] cached tokens; out: [R, Hk*gqa, d] float32, same domain as q.
 
 // E8 pages, slot layout [K codes | V codes | K scale fp16 | V scale fp16]; tables: E8P patterns [256, 8], their sign
@@ -345,24 +346,25 @@ void nq_e8_decode_attention(const float* q, const float* k_new, const float* v_n
                             int64_t block_stride, int64_t head_stride, int64_t token_stride, int block_size,
                             const int64_t* block_table, int64_t table_width, const int64_t* cached, int64_t num_kv_heads,
                             int gqa, int d, float scale, int k_bits, int v_bits, const float* patterns,
-                            const uint8_t* parity, const float* res8, int rotate, int64_t pair_begin,
-                            int64_t pair_end, float* out) {
+                            const uint8_t* parity, const float* res8, int rotate, int64_t pairs, float* out,
+                            int threads) {
   const Problem pb{q, k_new, v_new, cache, block_stride, head_stride, token_stride, block_size, block_table,
                    table_width, cached, num_kv_heads, gqa, d, scale, out, rotate != 0};
   const int groups = d / kGroup;
   const E8Pages pages{{patterns, parity, res8}, groups, k_bits, v_bits, groups * k_bits, groups * v_bits};
-  attend_e8(pages, pb, pair_begin, pair_end);
+  nq::parallel_rows(pairs, threads, [&](int64_t begin, int64_t end) { attend_e8(pages, pb, begin, end); });
 }
 
 // Dense pages, one token-head's [K | V] row of 2*d elements of `dtype` (0 float32, 1 float16, 2 bfloat16).
 void nq_dense_decode_attention(const float* q, const float* k_new, const float* v_new, const uint8_t* cache,
                                int64_t block_stride, int64_t head_stride, int64_t token_stride, int block_size,
                                const int64_t* block_table, int64_t table_width, const int64_t* cached,
-                               int64_t num_kv_heads, int gqa, int d, float scale, int dtype, int64_t pair_begin,
-                               int64_t pair_end, float* out) {
+                               int64_t num_kv_heads, int gqa, int d, float scale, int dtype, int64_t pairs,
+                               float* out, int threads) {
   const Problem pb{q, k_new, v_new, cache, block_stride, head_stride, token_stride, block_size, block_table,
                    table_width, cached, num_kv_heads, gqa, d, scale, out, false};
-  attend_dense(dtype, pb, pair_begin, pair_end);
+  nq::parallel_rows(pairs, threads,
+                    [&](int64_t begin, int64_t end) { attend_dense(dtype, pb, begin, end); });
 }
 
 }  // extern "C"

@@ -13,6 +13,7 @@
 #include <limits>
 
 #include "hadamard.h"
+#include "parallel.h"
 
 namespace {
 
@@ -29,6 +30,8 @@ constexpr float kShift[2] = {0.25f, -0.25f};
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4)));
+
+#define NQ_INLINE inline __attribute__((always_inline))
 
 inline __attribute__((always_inline)) v8f load8(const float* p) { return *reinterpret_cast<const v8f_unaligned*>(p); }
 
@@ -297,29 +300,49 @@ int32_t nearest_e8p(const Tables& tb, const float* u, Target& tg) {
   return class_index(tb, tg, exhaustive_class(tb, tg));
 }
 
-// First index of the smallest squared distance (up to the constant |r|^2) to the RES8 points, 8 points at a time:
-// per lane the smallest distance and its first index, then the first of the lanes' minima.
-NQ_HOT int32_t nearest_res8(const Tables& tb, const float* r) {
+// For each of the n residuals r[b] (n <= kMaxBeam): the first index of the smallest squared distance (up to the
+// constant |r|^2) to the RES8 points. One pass over the table, 8 points at a time, serves all n (the table's rows are
+// loaded once per block instead of once per residual); per lane the smallest distance and its first index, then the
+// first of the lanes' minima.
+template <int n>
+NQ_INLINE void nearest_res8_n(const Tables& tb, const float (*r)[kGroup], int32_t* out) {
   const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
-  v8f best = v8f{} + std::numeric_limits<float>::infinity();
-  v8i best_index = {};
-  for (int j = 0; j < kPatterns; j += kGroup) {
-    v8f score = {};
-    for (int i = 0; i < kGroup; ++i) score += r[i] * load8(&tb.res8_t[i][j]);
-    const v8f distance = load8(&tb.res8_norm[j]) - 2.0f * score;
-    const v8i better = distance < best;
-    best = better ? distance : best;
-    best_index = better ? lane + j : best_index;
+  v8f best[kMaxBeam];
+  v8i best_index[kMaxBeam];
+  for (int b = 0; b < n; ++b) {
+    best[b] = v8f{} + std::numeric_limits<float>::infinity();
+    best_index[b] = v8i{};
   }
-  float m = best[0];
-  int32_t index = best_index[0];  // 0 for a NaN target (its vector gets a NaN scale)
-  for (int l = 1; l < kGroup; ++l) {
-    if (best[l] < m || (best[l] == m && best_index[l] < index)) {
-      m = best[l];
-      index = best_index[l];
+  for (int j = 0; j < kPatterns; j += kGroup) {
+    v8f row[kGroup];
+    for (int i = 0; i < kGroup; ++i) row[i] = load8(&tb.res8_t[i][j]);
+    const v8f norm = load8(&tb.res8_norm[j]);
+    for (int b = 0; b < n; ++b) {
+      v8f score = {};
+      for (int i = 0; i < kGroup; ++i) score += r[b][i] * row[i];
+      const v8f distance = norm - 2.0f * score;
+      const v8i better = distance < best[b];
+      best[b] = better ? distance : best[b];
+      best_index[b] = better ? lane + j : best_index[b];
     }
   }
-  return index;
+  for (int b = 0; b < n; ++b) {
+    float m = best[b][0];
+    int32_t index = best_index[b][0];  // 0 for a NaN target (its vector gets a NaN scale)
+    for (int l = 1; l < kGroup; ++l) {
+      if (best[b][l] < m || (best[b][l] == m && best_index[b][l] < index)) {
+        m = best[b][l];
+        index = best_index[b][l];
+      }
+    }
+    out[b] = index;
+  }
+}
+
+// Compile-time residual counts keep every lane's best distance and index in registers; the 3-bit beam is 4.
+NQ_HOT void nearest_res8(const Tables& tb, const float (*r)[kGroup], int n, int32_t* out) {
+  if (n == 4) return nearest_res8_n<4>(tb, r, out);
+  for (int b = 0; b < n; ++b) nearest_res8_n<1>(tb, r + b, out + b);
 }
 
 // Codes one 8-dim unit-scale group; writes its stage indices and decoded point.
@@ -340,17 +363,21 @@ void code_group(const Tables& tb, const Config& cfg, const float* u, Target& tg,
     for (int i = 0; i < kGroup; ++i) decoded[i] = point[i] + second[i] * cfg.step2;
     return;
   }
-  int32_t candidates[kMaxBeam];
+  int32_t candidates[kMaxBeam], second[kMaxBeam];
+  float point[kMaxBeam][kGroup], residual[kMaxBeam][kGroup];
   e8p_candidates(tb, u, cfg.beam, tg, candidates);
+  for (int b = 0; b < cfg.beam; ++b) {
+    decode_e8p(tb, candidates[b], point[b]);
+    for (int i = 0; i < kGroup; ++i) residual[b][i] = (u[i] - point[b][i]) / cfg.step2;
+  }
+  nearest_res8(tb, residual, cfg.beam, second);
   float best_error = std::numeric_limits<float>::infinity();
   for (int b = 0; b < cfg.beam; ++b) {
-    float point[kGroup], residual[kGroup], sum[kGroup];
-    decode_e8p(tb, candidates[b], point);
-    for (int i = 0; i < kGroup; ++i) residual[i] = (u[i] - point[i]) / cfg.step2;
-    const int32_t j = nearest_res8(tb, residual);
+    float sum[kGroup];
+    const int32_t j = second[b];
     float error = 0.0f;
     for (int i = 0; i < kGroup; ++i) {
-      sum[i] = point[i] + tb.res8[j][i] * cfg.step2;
+      sum[i] = point[b][i] + tb.res8[j][i] * cfg.step2;
       error += (u[i] - sum[i]) * (u[i] - sum[i]);
     }
     if (b == 0 || error < best_error) {  // a NaN input keeps candidate 0
@@ -463,45 +490,50 @@ void store_vector(const Tables& tb, const Config& cfg, const float* raw, int64_t
 
 extern "C" {
 
-// Quantizes rows [row_begin, row_end) of x (float32 [n, d], rotated vectors) -> stage indices (int32 [n, d/8] each;
-// code2 unused at 2 bits) and fp16 scales (as float16 [n]). Tables: E8P patterns [256, 8], their parity [256],
-// RES8 points [256, 8], lattice-point -> pattern lookup [4^8]; scale_c: the m candidate multipliers of rms(x).
-void nq_e8_quantize(const float* x, int64_t row_begin, int64_t row_end, int64_t d, int bits, int beam,
-                    float step2, const float* scale_c, int m, const float* patterns, const int64_t* parity,
-                    const float* res8, const int64_t* lookup, int32_t* code1, int32_t* code2,
-                    _Float16* scale_out) {
+// Quantizes the n rows of x (float32 [n, d], rotated vectors) -> stage indices (int32 [n, d/8] each; code2 unused
+// at 2 bits) and fp16 scales (as float16 [n]), over up to `threads` OpenMP threads. Tables: E8P patterns [256, 8],
+// their parity [256], RES8 points [256, 8], lattice-point -> pattern lookup [4^8]; scale_c: the m candidate
+// multipliers of rms(x).
+void nq_e8_quantize(const float* x, int64_t n, int64_t d, int bits, int beam, float step2, const float* scale_c,
+                    int m, const float* patterns, const int64_t* parity, const float* res8, const int64_t* lookup,
+                    int32_t* code1, int32_t* code2, _Float16* scale_out, int threads) {
   Tables tb;  // rebuilt per call (~4K stores): the caller's tables are the single source of every codeword
   build_tables(patterns, parity, res8, lookup, tb);
   const Config cfg{bits, beam < kMaxBeam ? beam : kMaxBeam, step2, scale_c, m};
   const int64_t groups = d / kGroup;
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    scale_out[row] = quantize_row(tb, cfg, x + row * d, d, code1 + row * groups, code2 + row * groups);
-  }
+  nq::parallel_rows(n, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      scale_out[row] = quantize_row(tb, cfg, x + row * d, d, code1 + row * groups, code2 + row * groups);
+    }
+  });
 }
 
-// The store of one layer: token-heads [row_begin, row_end) (row = token * num_kv_heads + head) of K and V (float32
-// [n, num_kv_heads, d], the model's domain) are rotated, coded and written into their slots [K codes | V codes | K scale fp16 | V scale fp16] of the uint8 pages `cache` (byte
-// strides per block, head and token), at slot_mapping[token] (block * block_size + offset; negative: a padding
-// token, skipped). Per K and V: bits, beam, second-stage step and the m candidate scale multipliers.
-void nq_e8_store(const float* k, const float* v, int64_t row_begin,
-                 int64_t row_end, int64_t d, int64_t num_kv_heads, const int64_t* slot_mapping, uint8_t* cache,
-                 int64_t block_stride, int64_t head_stride, int64_t token_stride, int64_t block_size, int k_bits,
-                 int k_beam, float k_step2, const float* k_scale_c, int k_m, int v_bits, int v_beam, float v_step2,
-                 const float* v_scale_c, int v_m, const float* patterns, const int64_t* parity, const float* res8,
-                 const int64_t* lookup) {
+// The store of one layer: the n token-heads (row = token * num_kv_heads + head) of K and V (float32
+// [n / num_kv_heads, num_kv_heads, d], the model's domain) are rotated, coded and written into their slots
+// [K codes | V codes | K scale fp16 | V scale fp16] of the uint8 pages `cache` (byte strides per block, head and
+// token), at slot_mapping[token] (block * block_size + offset; negative: a padding token, skipped), over up to
+// `threads` OpenMP threads. Per K and V: bits, beam, second-stage step and the m candidate scale multipliers.
+void nq_e8_store(const float* k, const float* v, int64_t n, int64_t d, int64_t num_kv_heads,
+                 const int64_t* slot_mapping, uint8_t* cache, int64_t block_stride, int64_t head_stride,
+                 int64_t token_stride, int64_t block_size, int k_bits, int k_beam, float k_step2,
+                 const float* k_scale_c, int k_m, int v_bits, int v_beam, float v_step2, const float* v_scale_c,
+                 int v_m, const float* patterns, const int64_t* parity, const float* res8, const int64_t* lookup,
+                 int threads) {
   Tables tb;
   build_tables(patterns, parity, res8, lookup, tb);
   const Config k_cfg{k_bits, k_beam < kMaxBeam ? k_beam : kMaxBeam, k_step2, k_scale_c, k_m};
   const Config v_cfg{v_bits, v_beam < kMaxBeam ? v_beam : kMaxBeam, v_step2, v_scale_c, v_m};
   const int64_t k_bytes = d / kGroup * k_bits, v_bytes = d / kGroup * v_bits;
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    const int64_t slot_id = slot_mapping[row / num_kv_heads];
-    if (slot_id < 0) continue;
-    uint8_t* slot = cache + slot_id / block_size * block_stride + (row % num_kv_heads) * head_stride +
-                    slot_id % block_size * token_stride;
-    store_vector(tb, k_cfg, k + row * d, d, slot, slot + k_bytes + v_bytes);
-    store_vector(tb, v_cfg, v + row * d, d, slot + k_bytes, slot + k_bytes + v_bytes + 2);
-  }
+  nq::parallel_rows(n, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t slot_id = slot_mapping[row / num_kv_heads];
+      if (slot_id < 0) continue;
+      uint8_t* slot = cache + slot_id / block_size * block_stride + (row % num_kv_heads) * head_stride +
+                      slot_id % block_size * token_stride;
+      store_vector(tb, k_cfg, k + row * d, d, slot, slot + k_bytes + v_bytes);
+      store_vector(tb, v_cfg, v + row * d, d, slot + k_bytes, slot + k_bytes + v_bytes + 2);
+    }
+  });
 }
 
 }  // extern "C"

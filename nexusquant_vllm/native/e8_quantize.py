@@ -18,28 +18,29 @@ from nexusquant_vllm.codec import kv as codec_kv
 from nexusquant_vllm.codec.e8 import e8p_pattern_lookup, e8p_pattern_parity, e8p_patterns, res8_table
 from nexusquant_vllm.codec.format import GROUP, KVFormat, check_bits
 from nexusquant_vllm.codec.quantizer import BEAM, SCALE_C, STAGES
-from nexusquant_vllm.native.library import load, ptr, run_split
+from nexusquant_vllm.native.library import load, ptr
 
 LIBRARY = "_e8_quantize_cpu"
 MAX_HEAD_DIM = 512  # kMaxDim of the C++ code
 _PARALLEL_MIN_ELEMENTS = 1 << 15  # quantize: below this, one thread
-# store_kv: token-heads per thread at least (one costs ~50 us at 3+2 bits, a thread hand-off ~30 us), so a decode
-# step's 8 x 3 token-heads already go to two threads
+# store_kv: token-heads per thread at least (one costs ~50 us at 3+2 bits, an OpenMP hand-off a few us), so a
+# decode step's 8 x 3 token-heads already go to two threads
 _STORE_MIN_ROWS_PER_THREAD = 4
 
 _P, _I64, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _CONFIG = (_INT, _INT, _FLOAT, _P, _INT)  # bits, beam, step2, scale_c, m
 _TABLES = (_P, _P, _P, _P)  # E8P patterns, parity, RES8, pattern lookup
 _SIGNATURE = (
-    _P, _I64, _I64, _I64,  # x, row_begin, row_end, d
+    _P, _I64, _I64,  # x, rows, d
     *_CONFIG, *_TABLES,
-    _P, _P, _P,  # code1, code2, fp16 scale out
+    _P, _P, _P, _INT,  # code1, code2, fp16 scale out, threads
 )
 _STORE_SIGNATURE = (
     _P, _P,  # K, V (the model's domain: the kernel rotates)
-    _I64, _I64, _I64, _I64,  # row_begin, row_end, d, num_kv_heads
+    _I64, _I64, _I64,  # rows (token-heads), d, num_kv_heads
     _P, _P, _I64, _I64, _I64, _I64,  # slot_mapping, cache, block / head / token strides (bytes), block_size
     *_CONFIG, *_CONFIG, *_TABLES,  # K, V
+    _INT,  # threads
 )
 
 
@@ -89,11 +90,8 @@ def quantize(x: torch.Tensor, bits: int) -> tuple[list[torch.Tensor], torch.Tens
     code2 = torch.zeros(n, groups, dtype=torch.int32)
     scale = torch.empty(n, dtype=torch.float16)
     tables = [ptr(t) for t in _tables()]
-
-    def run(begin: int, end: int) -> None:
-        kernel(ptr(rows), begin, end, d, *_config(bits), *tables, ptr(code1), ptr(code2), ptr(scale))
-
-    run_split(run, n, min(torch.get_num_threads(), max(1, rows.numel() // _PARALLEL_MIN_ELEMENTS)))
+    threads = min(torch.get_num_threads(), max(1, rows.numel() // _PARALLEL_MIN_ELEMENTS))
+    kernel(ptr(rows), n, d, *_config(bits), *tables, ptr(code1), ptr(code2), ptr(scale), threads)
     codes = [code1, code2][: len(STAGES[bits])]
     return [c.long().reshape(*lead, groups) for c in codes], scale.reshape(lead)
 
@@ -118,10 +116,7 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     item = kv_cache.element_size()
     strides = [s * item for s in kv_cache.stride()[:3]]
     tables = [ptr(t) for t in _tables()]
-
-    def run(begin: int, end: int) -> None:
-        kernel(ptr(k), ptr(v), begin, end, d, num_kv_heads, ptr(slots),
-               ptr(kv_cache), *strides, kv_cache.shape[2], *_config(fmt.k_bits), *_config(fmt.v_bits), *tables)
-
     rows = n * num_kv_heads
-    run_split(run, rows, max(1, min(torch.get_num_threads(), rows // _STORE_MIN_ROWS_PER_THREAD)))
+    threads = max(1, min(torch.get_num_threads(), rows // _STORE_MIN_ROWS_PER_THREAD))
+    kernel(ptr(k), ptr(v), rows, d, num_kv_heads, ptr(slots), ptr(kv_cache), *strides, kv_cache.shape[2],
+           *_config(fmt.k_bits), *_config(fmt.v_bits), *tables, threads)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.machinery
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,17 +28,3 @@ def ptr(t: torch.Tensor) -> ctypes.c_void_p:
     """The data pointer of a contiguous CPU tensor, for a ``void*``-typed argument."""
     return ctypes.c_void_p(t.data_ptr())
 
-
-@functools.lru_cache(maxsize=None)
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nq-native")
-
-
-def run_split(run: Callable[[int, int], None], total: int, workers: int) -> None:
-    """``run(begin, end)`` over ``[0, total)`` split into ``workers`` contiguous ranges, in parallel threads (a native
-    call through ctypes releases the GIL)."""
-    if workers <= 1:
-        run(0, total)
-        return
-    bounds = torch.linspace(0, total, workers + 1).long().tolist()
-    list(_pool(workers).map(run, bounds[:-1], bounds[1:]))

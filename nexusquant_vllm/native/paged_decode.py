@@ -17,7 +17,7 @@ import torch
 from nexusquant_vllm.codec.e8 import e8p_pattern_parity, e8p_patterns, res8_table
 from nexusquant_vllm.codec.format import KVFormat
 from nexusquant_vllm.codec.quantizer import STAGES
-from nexusquant_vllm.native.library import load, ptr, run_split
+from nexusquant_vllm.native.library import load, ptr
 
 LIBRARY = "_e8_decode_attention_cpu"
 MAX_HEAD_DIM, MAX_GQA = 512, 16  # kMaxDim, kMaxGqa of the C++ code
@@ -30,9 +30,9 @@ _COMMON = (
     _P, _I64, _P, _I64,  # block_table, its width, cached lengths, num_kv_heads
     _INT, _INT, _FLOAT,  # gqa, head_dim, softmax scale
 )
-# bits, E8P patterns, parity, RES8, rotate; pairs, out
-_E8_SIGNATURE = (*_COMMON, _INT, _INT, _P, _P, _P, _INT, _I64, _I64, _P)
-_DENSE_SIGNATURE = (*_COMMON, _INT, _I64, _I64, _P)  # dtype; pair range, out
+# bits, E8P patterns, parity, RES8, rotate; pairs, out, threads
+_E8_SIGNATURE = (*_COMMON, _INT, _INT, _P, _P, _P, _INT, _I64, _P, _INT)
+_DENSE_SIGNATURE = (*_COMMON, _INT, _I64, _P, _INT)  # dtype; pairs, out, threads
 
 
 def _e8_kernel() -> ctypes._CFuncPtr | None:
@@ -93,10 +93,6 @@ def decode_attention(
         kernel, extra = _e8_kernel(), (fmt.k_bits, fmt.v_bits, *(ptr(t) for t in _tables()), int(rotate))
     else:
         kernel, extra = _dense_kernel(), (DENSE_DTYPES[kv_cache.dtype],)
-
-    def run(begin: int, end: int) -> None:
-        kernel(*common, *extra, begin, end, ptr(out))
-
     pairs = r * num_kv_heads
-    run_split(run, pairs, min(torch.get_num_threads(), pairs))
+    kernel(*common, *extra, pairs, ptr(out), min(torch.get_num_threads(), pairs))
     return out

@@ -1,0 +1,37 @@
+"""benchmarks/eviction_offline.py --vs-kvpress: the shipped scorer vs kvpress, paired by chunk on the same chunks."""
+
+import math
+
+import pytest
+
+from benchmarks.eviction_offline import key_of, vs_kvpress
+
+CONT = 100
+
+
+def results(ours: dict[float, list[float]], theirs: dict[float, list[float]], digest: str = "abc"):
+    offline = {"config": {"cont_len": CONT, "chunk_digests": {"1024": "abc"}},
+               "nll": {key_of(1024, 0.0, "-"): ours[0.0], key_of(1024, 0.35, "snapkv"): ours[0.35],
+                       key_of(1024, 0.6, "mass_max"): ours[0.6], key_of(1024, 0.6, "snapkv"): [0.0, 0.0]}}
+    kvpress = {"config": {"chunk_digests": {"1024": digest}},
+               "ppl": [{"press": "P", "prefix_len": 1024, "rate": r, "nll": v} for r, v in theirs.items()]}
+    return offline, kvpress
+
+
+def test_each_side_against_its_own_baseline():
+    """Different rate-0 NLLs on the two sides cancel: only the eviction damage is compared."""
+    offline, kvpress = results({0.0: [300.0, 310.0], 0.35: [302.0, 312.0], 0.6: [305.0, 315.0]},
+                               {0.0: [290.0, 300.0], 0.35: [291.0, 301.0], 0.6: [295.0, 305.0]})
+    rows = {r["rate"]: r for r in vs_kvpress(offline, kvpress)}
+    assert set(rows) == {0.35, 0.6}
+    assert rows[0.35]["variant"] == "snapkv" and rows[0.6]["variant"] == "mass_max"
+    assert rows[0.35]["ours"] == pytest.approx(math.expm1(2 / CONT))
+    assert rows[0.35]["theirs"] == pytest.approx(math.expm1(1 / CONT))
+    assert rows[0.35]["delta"] == pytest.approx(math.expm1(1 / CONT)) and rows[0.35]["ci_low"] <= rows[0.35]["delta"]
+    assert rows[0.6]["delta"] == pytest.approx(0.0)
+
+
+def test_different_chunks_are_refused():
+    offline, kvpress = results({0.0: [1.0], 0.35: [1.0], 0.6: [1.0]}, {0.0: [1.0], 0.35: [1.0]}, digest="xyz")
+    with pytest.raises(SystemExit, match="different chunks"):
+        vs_kvpress(offline, kvpress)
