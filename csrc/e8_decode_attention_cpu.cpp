@@ -337,8 +337,9 @@ extern "C" {
 
 // Both entry points: the `pairs` = R * Hk (request, KV head) pairs, over up to `threads` OpenMP threads. q:
 // [R, Hk*gqa, d] float32 queries (in the pages' domain, or for E8 pages with rotate set in the model's domain);
-// k_new/v_new: [R, Hk, d] float32 K/V of the current token, same domain as q; cache: pages with byte strides (block, head, token); block_table: int64
-// [R, table_width]; cached: int64 [R] cached tokens; out: [R, Hk*gqa, d] float32, same domain as q.
+// k_new/v_new: [R, Hk, d] float32 K/V of the current token, same domain as q; cache: pages with byte strides
+// (block, head, token); block_table: int64 [R, table_width]; cached: int64 [R] cached tokens; out: [R, Hk*gqa, d]
+// float32, same domain as q.
 
 // E8 pages, slot layout [K codes | V codes | K scale fp16 | V scale fp16]; tables: E8P patterns [256, 8], their sign
 // parity uint8 [256], RES8 points times 1/2 [256, 8].

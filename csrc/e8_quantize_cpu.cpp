@@ -33,7 +33,7 @@ typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4)));
 
 #define NQ_INLINE inline __attribute__((always_inline))
 
-inline __attribute__((always_inline)) v8f load8(const float* p) { return *reinterpret_cast<const v8f_unaligned*>(p); }
+NQ_INLINE v8f load8(const float* p) { return *reinterpret_cast<const v8f_unaligned*>(p); }
 
 struct Tables {
   float pattern_t[kGroup][kPatterns];  // E8P absolute patterns, coordinate-major (loops over patterns vectorize)
