@@ -14,6 +14,8 @@ from setuptools import Extension, find_packages, setup
 # Native CPU kernels (the E8 quantizer, paged decode attention): plain C ABIs loaded through ctypes
 # (nexusquant_vllm/native/), so they build with a C++ compiler alone (no torch headers, no build-time torch).
 # Python never imports them as modules.
+# Attention may fuse multiply-adds (FMA in its x86-64-v3 clone); the quantizer may not: its nearest-codeword choices
+# must round like the torch codec's.
 NATIVE = [
     Extension(
         f"nexusquant_vllm.native.{name}",
@@ -22,10 +24,10 @@ NATIVE = [
         language="c++",
         # -Wno-psabi: the AVX vector types never cross a function boundary (all inlined), so no ABI note applies.
         # -fopenmp: libgomp, which torch's CPU wheel loads first, so its thread team is shared (csrc/parallel.h).
-        extra_compile_args=["-O3", "-std=c++17", "-Wno-psabi", "-fopenmp"],
+        extra_compile_args=["-O3", "-std=c++17", "-Wno-psabi", "-fopenmp", f"-ffp-contract={contract}"],
         extra_link_args=["-fopenmp"],
     )
-    for name in ("_e8_quantize_cpu", "_e8_decode_attention_cpu")
+    for name, contract in (("_e8_quantize_cpu", "off"), ("_e8_decode_attention_cpu", "fast"))
 ]
 
 

@@ -9,6 +9,10 @@ kept, budget rounded down to whole blocks) picks the blocks to free; then the co
 the prefix's K/V with the freed blocks masked in every layer and head (what vLLM's null-block masking does) and the
 NLL of tokens P+1..P+C is summed. Rate 0 is the same continuation with nothing masked.
 
+The ``tok_*`` variants score tokens, not blocks, and mask the lowest-scoring single tokens (same sinks, recent
+window and token count as the block policy): what compacting the kept tokens into fewer blocks (KV-Compress-style)
+would buy over whole-block eviction, before building it.
+
 Reported per variant and rate: ΔPPL vs rate 0 and the paired ΔPPL vs the ``snapkv`` variant (the scorer shipped
 before this study: window 32, avg-pool 5, mean over heads, sum over layers, block = max token), each with a 95%
 bootstrap CI over chunks (``common.paired_delta``). Writes results/eviction_offline.{json,md}.
@@ -172,7 +176,7 @@ def aggregate(mass_: torch.Tensor, head: str, layer: str = "sum") -> torch.Tenso
 def snapkv(pre: Prefill, window: int = 32, width: int = 5, kind: str = "avg", block: str = "max",
            layers: slice = slice(None)) -> torch.Tensor:
     """Token score = mean over heads of the window attention, pooled, summed over layers; block = max/mean."""
-    tok = pool(per_head(pre, window, layers).mean(1), width, kind).sum(0)
+    tok = snapkv_tokens(pre, window, width, kind, layers)
     b = blocks_of(tok)
     return b.amax(-1) if block == "max" else b.mean(-1)
 
@@ -182,6 +186,17 @@ def shipped(pre: Prefill) -> torch.Tensor:
     scorer = WindowAttentionScorer()
     tok = sum(scorer.score(q, k, pre.scale) for q, k in zip(pre.queries, pre.keys))
     return blocks_of(tok).amax(-1)
+
+
+def snapkv_tokens(pre: Prefill, window: int = 32, width: int = 5, kind: str = "avg",
+                  layers: slice = slice(None)) -> torch.Tensor:
+    """Token scores [P] of the ``snapkv`` variant, before block aggregation (the ``tok_snapkv`` variant)."""
+    return pool(per_head(pre, window, layers).mean(1), width, kind).sum(0)
+
+
+def tok_expected_kvpress(pre: Prefill) -> torch.Tensor:
+    """Token scores [P] of the ``kvpress_ea_max`` variant, before block aggregation."""
+    return kvpress_probs(pre, vnorm=True).amax(1).sum(0)
 
 
 def snapkv_headmax(pre: Prefill, window: int = 32, width: int = 5) -> torch.Tensor:
@@ -217,10 +232,13 @@ def expected(pre: Prefill, window: int = 128, head: str = "max", vnorm: bool = F
 def expected_kvpress(pre: Prefill, head: str = "max", vnorm: bool = True) -> torch.Tensor:
     """kvpress ExpectedAttention's statistics (pre-RoPE queries of the whole prefix minus 4 sinks, rotated by the
     RoPE averaged over the next 512 positions), with our block mass aggregation (needs the model's RoPE: sim only)."""
-    out = []
-    for q, k, v in zip(pre.unrotated, pre.keys, pre.values):
-        out.append(expected_probs(q[:, SINKS:], k, v, pre.scale, vnorm, pre.future_rotation))
-    return aggregate(blocks_of(torch.stack(out)).sum(-1), head)
+    return aggregate(blocks_of(kvpress_probs(pre, vnorm)).sum(-1), head)
+
+
+def kvpress_probs(pre: Prefill, vnorm: bool) -> torch.Tensor:
+    """[L, Hq, P]: each head's expected attention from kvpress ExpectedAttention's statistics."""
+    return torch.stack([expected_probs(q[:, SINKS:], k, v, pre.scale, vnorm, pre.future_rotation)
+                        for q, k, v in zip(pre.unrotated, pre.keys, pre.values)])
 
 
 def expected_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, vnorm: bool,
@@ -293,6 +311,11 @@ VARIANTS: dict[str, Callable[[Prefill], torch.Tensor]] = {
     "sum_snapkv_mass_max": normalised_sum(snapkv, lambda p: mass(p, head="max")),
     "mix_mass_expected": rank_mix(lambda p: mass(p, head="max"), lambda p: expected(p, head="max", vnorm=True)),
 }
+TOKEN_VARIANTS: dict[str, Callable[[Prefill], torch.Tensor]] = {
+    "tok_snapkv": snapkv_tokens,
+    "tok_kvpress_ea_max": tok_expected_kvpress,
+}
+VARIANTS.update(TOKEN_VARIANTS)
 
 
 def evicted_mask(block_scores: torch.Tensor, tokens: int, rate: float) -> torch.Tensor:
@@ -303,6 +326,19 @@ def evicted_mask(block_scores: torch.Tensor, tokens: int, rate: float) -> torch.
     mask = torch.zeros(tokens, dtype=torch.bool)
     for b in blocks_to_free(token_scores, BLOCK, EvictionPolicy(rate=rate, min_prompt_tokens=0)):
         mask[b * BLOCK : (b + 1) * BLOCK] = True
+    return mask
+
+
+def evicted_tokens_mask(token_scores: torch.Tensor, rate: float) -> torch.Tensor:
+    """The lowest-scoring single prefix tokens, as many as ``evicted_mask`` frees, outside its sinks and window."""
+    tokens = token_scores.shape[0]
+    policy = EvictionPolicy(rate=rate, min_prompt_tokens=0)
+    budget = len(blocks_to_free(torch.zeros(tokens), BLOCK, policy)) * BLOCK
+    eligible = token_scores.clone()
+    eligible[: policy.sink_blocks * BLOCK] = float("inf")
+    eligible[tokens - policy.recent_tokens :] = float("inf")
+    mask = torch.zeros(tokens, dtype=torch.bool)
+    mask[eligible.argsort(stable=True)[:budget]] = True
     return mask
 
 
@@ -367,7 +403,8 @@ def run(args: argparse.Namespace) -> dict:
                     scores = VARIANTS[name](pre)
                 for rate in args.rates:
                     keys.append(key_of(prefix_len, rate, name))
-                    masks.append(evicted_mask(scores, prefix_len, rate))
+                    masks.append(evicted_tokens_mask(scores, rate) if name in TOKEN_VARIANTS
+                                 else evicted_mask(scores, prefix_len, rate))
             for i in range(0, len(masks), args.batch):
                 nlls = continuation_nll(model, ids, prefix_len, args.cont_len, masks[i : i + args.batch])
                 for key, mask, value in zip(keys[i : i + args.batch], masks[i : i + args.batch], nlls):

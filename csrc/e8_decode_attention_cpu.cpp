@@ -31,8 +31,9 @@ typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4)));
 typedef int32_t v8i_unaligned __attribute__((vector_size(32), aligned(4)));
 
 #define NQ_INLINE inline __attribute__((always_inline))
-// The pair loop gets an AVX2 clone, chosen at load time by CPU feature (not by CPU model, so AMD CPUs get it too).
-#define NQ_HOT __attribute__((target_clones("avx2", "default")))
+// The pair loop gets an x86-64-v3 clone (AVX2, FMA), chosen at load time by the CPU's ISA level (not by CPU model,
+// so AMD CPUs get it too); setup.py lets this file fuse multiply-adds.
+#define NQ_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
 
 NQ_INLINE v8f load8(const float* p) { return *reinterpret_cast<const v8f_unaligned*>(p); }
 
@@ -94,17 +95,21 @@ struct Codebooks {
   const float* res8;      // RES8 points times the 3-bit code's second-stage step 1/2 [256, 8] (exact)
 };
 
-// Sign handling of E8P as two small tables: the parity of 7 sign bits, and per 8-bit sign pattern the XOR mask
-// that flips those lanes' float signs.
+// Sign handling of E8P as one small table: per (pattern parity, 7 sign bits), the XOR mask that flips the float
+// signs of those lanes and of lane 7, whose sign makes the number of negative signs match the pattern's parity.
 struct SignTables {
-  uint8_t parity7[128];
-  int32_t flip[256][kGroup];
+  int32_t flip[2][128][kGroup];
+  v8f shift[2];  // +1/4 and -1/4 in every lane: the index's bit 15
 
   SignTables() {
-    for (int s = 0; s < 128; ++s) parity7[s] = __builtin_parity(s);
-    for (int s = 0; s < 256; ++s) {
-      for (int i = 0; i < kGroup; ++i) flip[s][i] = (s >> i) & 1 ? static_cast<int32_t>(0x80000000u) : 0;
+    for (int parity = 0; parity < 2; ++parity) {
+      for (int s = 0; s < 128; ++s) {
+        const int signs = s | ((__builtin_parity(s) ^ parity) << 7);
+        for (int i = 0; i < kGroup; ++i) flip[parity][s][i] = (signs >> i) & 1 ? static_cast<int32_t>(0x80000000u) : 0;
+      }
     }
+    shift[0] = v8f{} + 0.25f;
+    shift[1] = v8f{} - 0.25f;
   }
 };
 const SignTables kSigns;
@@ -113,22 +118,19 @@ const SignTables kSigns;
 // Bit-identical to the codec's expanded table, from tables that stay in L1 (the 2 MiB expanded one does not).
 NQ_INLINE v8f e8p_point(const Codebooks& cb, uint32_t index) {
   const uint32_t p = index & 0xFFu;
-  const uint32_t signs7 = (index >> 8) & 0x7Fu;
-  const uint32_t signs = signs7 | ((kSigns.parity7[signs7] ^ cb.parity[p]) << 7);
   const v8i bits = *reinterpret_cast<const v8i_unaligned*>(cb.patterns + p * kGroup) ^
-                   *reinterpret_cast<const v8i_unaligned*>(kSigns.flip[signs]);
-  // The shift +-1/4 as bits (0.25f with the index's bit 15 as its sign): a branch on it would mispredict half the time.
-  const v8i shift = v8i{} + static_cast<int32_t>(0x3E800000u | ((index & 0x8000u) << 16));
-  return reinterpret_cast<v8f>(bits) + reinterpret_cast<v8f>(shift);
+                   *reinterpret_cast<const v8i_unaligned*>(kSigns.flip[cb.parity[p]][(index >> 8) & 0x7Fu]);
+  return reinterpret_cast<v8f>(bits) + kSigns.shift[index >> 15];
 }
 
-// Unit-scale vector of `groups` groups coded at `bits` from planar codes (stage-major, see codec/packing.py).
-NQ_INLINE void decode_unit(const Codebooks& cb, const uint8_t* codes, int groups, int bits, float* out) {
+// Unit-scale vector of `groups` groups coded at kBits from planar codes (stage-major, see codec/packing.py).
+template <int kBits>
+NQ_INLINE void decode_unit(const Codebooks& cb, const uint8_t* codes, int groups, float* out) {
   const uint8_t* second = codes + 2 * groups;
   for (int g = 0; g < groups; ++g) {
     v8f x = e8p_point(cb, read_u16(codes + 2 * g));
-    if (bits == 3) x += load8(cb.res8 + second[g] * kGroup);
-    if (bits == 4) x += e8p_point(cb, read_u16(second + 2 * g)) * 0.25f;
+    if (kBits == 3) x += load8(cb.res8 + second[g] * kGroup);
+    if (kBits == 4) x += e8p_point(cb, read_u16(second + 2 * g)) * 0.25f;
     store8(out + g * kGroup, x);
   }
 }
@@ -146,16 +148,18 @@ struct State {
   float p[kChunk];  // scores, then weights, of one query head
 };
 
-// Reads one token-head slot of E8 pages into unit K/V rows and their scales.
+// Reads one token-head slot of E8 pages (K at kKBits, V at kVBits per element) into unit K/V rows and their scales.
+template <int kKBits, int kVBits>
 struct E8Pages {
   Codebooks cb;
-  int groups, k_bits, v_bits, k_bytes, v_bytes;
+  int groups;
 
   NQ_INLINE void read(const uint8_t* slot, State& st, int t, int d) const {
+    const int k_bytes = groups * kKBits, v_bytes = groups * kVBits;
     st.k_scale[t] = fp16_to_float(read_u16(slot + k_bytes + v_bytes));
     st.v_scale[t] = fp16_to_float(read_u16(slot + k_bytes + v_bytes + 2));
-    decode_unit(cb, slot, groups, k_bits, st.k + t * d);
-    decode_unit(cb, slot + k_bytes, groups, v_bits, st.v + t * d);
+    decode_unit<kKBits>(cb, slot, groups, st.k + t * d);
+    decode_unit<kVBits>(cb, slot + k_bytes, groups, st.v + t * d);
   }
 };
 
@@ -215,15 +219,34 @@ NQ_INLINE v8f sums8(const v8f* v) {
 // p[t] = (q . k[t]) * k_scale[t] for the chunk's rows, 8 at a time (rows past n hold stale values, never used).
 NQ_INLINE void chunk_scores(const State& st, const float* q, int d, int n, float* p) {
   for (int t0 = 0; t0 < n; t0 += kGroup) {
-    v8f partial[kGroup];
-    for (int t = 0; t < kGroup; ++t) {
-      const float* k = st.k + (t0 + t) * d;
-      v8f a = load8(q) * load8(k);
-      for (int g = kGroup; g < d; g += kGroup) a += load8(q + g) * load8(k + g);
-      partial[t] = a;
+    v8f partial[kGroup] = {};  // one accumulator per row: 8 independent chains
+    for (int g = 0; g < d; g += kGroup) {
+      const v8f qg = load8(q + g);
+      for (int t = 0; t < kGroup; ++t) partial[t] += qg * load8(st.k + (t0 + t) * d + g);
     }
     store8(p + t0, sums8(partial) * load8(st.k_scale + t0));
   }
+}
+
+// acc[0, 8W) = acc * correction + sum over t < n of p[t] * v[t, 0, 8W): W accumulators in registers, so the adds over
+// t pipeline across them instead of forming one dependency chain per 8 columns (the same order of additions).
+template <int W>
+NQ_INLINE void pv_tile(const float* p, const float* v, int d, int n, float correction, float* acc) {
+  v8f a[W];
+  for (int w = 0; w < W; ++w) a[w] = load8(acc + w * kGroup) * correction;
+  for (int t = 0; t < n; ++t) {
+    const float pt = p[t];
+    for (int w = 0; w < W; ++w) a[w] += pt * load8(v + t * d + w * kGroup);
+  }
+  for (int w = 0; w < W; ++w) store8(acc + w * kGroup, a[w]);
+}
+
+// acc[0, d) = acc * correction + p . v over the chunk's n rows of v [n, d].
+NQ_INLINE void accumulate_pv(const float* p, const float* v, int d, int n, float correction, float* acc) {
+  int g = 0;
+  for (; g + 8 * kGroup <= d; g += 8 * kGroup) pv_tile<8>(p, v + g, d, n, correction, acc + g);
+  for (; g + 4 * kGroup <= d; g += 4 * kGroup) pv_tile<4>(p, v + g, d, n, correction, acc + g);
+  for (; g < d; g += kGroup) pv_tile<1>(p, v + g, d, n, correction, acc + g);
 }
 
 // Folds the n rows of the chunk into the accumulators of the gqa query heads.
@@ -244,12 +267,7 @@ NQ_INLINE void fold_chunk(State& st, int gqa, int d, int n) {
     }
     st.sum[j] = st.sum[j] * correction + hsum(sum);
     st.max[j] = m;
-    float* acc = st.acc + j * d;
-    for (int g = 0; g < d; g += kGroup) {
-      v8f a = load8(acc + g) * correction;
-      for (int t = 0; t < n; ++t) a += st.p[t] * load8(st.v + t * d + g);
-      store8(acc + g, a);
-    }
+    accumulate_pv(st.p, st.v, d, n, correction, st.acc + j * d);
   }
 }
 
@@ -321,8 +339,20 @@ NQ_INLINE void attend_pairs(const Pages& pages, const Problem& pb, int64_t pair_
   }
 }
 
-NQ_HOT void attend_e8(const E8Pages& pages, const Problem& pb, int64_t pair_begin, int64_t pair_end) {
-  attend_pairs(pages, pb, pair_begin, pair_end);
+template <int kKBits>
+NQ_INLINE void attend_e8_k(const Codebooks& cb, int v_bits, const Problem& pb, int64_t pair_begin, int64_t pair_end) {
+  const int groups = pb.d / kGroup;
+  if (v_bits == 2) attend_pairs(E8Pages<kKBits, 2>{cb, groups}, pb, pair_begin, pair_end);
+  if (v_bits == 3) attend_pairs(E8Pages<kKBits, 3>{cb, groups}, pb, pair_begin, pair_end);
+  if (v_bits == 4) attend_pairs(E8Pages<kKBits, 4>{cb, groups}, pb, pair_begin, pair_end);
+}
+
+// The bit widths become compile-time constants: no per-group branch on them in the decode loops.
+NQ_HOT void attend_e8(const Codebooks& cb, int k_bits, int v_bits, const Problem& pb, int64_t pair_begin,
+                      int64_t pair_end) {
+  if (k_bits == 2) attend_e8_k<2>(cb, v_bits, pb, pair_begin, pair_end);
+  if (k_bits == 3) attend_e8_k<3>(cb, v_bits, pb, pair_begin, pair_end);
+  if (k_bits == 4) attend_e8_k<4>(cb, v_bits, pb, pair_begin, pair_end);
 }
 
 NQ_HOT void attend_dense(int dtype, const Problem& pb, int64_t pair_begin, int64_t pair_end) {
@@ -351,9 +381,9 @@ void nq_e8_decode_attention(const float* q, const float* k_new, const float* v_n
                             int threads) {
   const Problem pb{q, k_new, v_new, cache, block_stride, head_stride, token_stride, block_size, block_table,
                    table_width, cached, num_kv_heads, gqa, d, scale, out, rotate != 0};
-  const int groups = d / kGroup;
-  const E8Pages pages{{patterns, parity, res8}, groups, k_bits, v_bits, groups * k_bits, groups * v_bits};
-  nq::parallel_rows(pairs, threads, [&](int64_t begin, int64_t end) { attend_e8(pages, pb, begin, end); });
+  const Codebooks cb{patterns, parity, res8};
+  nq::parallel_rows(pairs, threads,
+                    [&](int64_t begin, int64_t end) { attend_e8(cb, k_bits, v_bits, pb, begin, end); });
 }
 
 // Dense pages, one token-head's [K | V] row of 2*d elements of `dtype` (0 float32, 1 float16, 2 bfloat16).

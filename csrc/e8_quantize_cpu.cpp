@@ -232,6 +232,13 @@ struct Smallest {
   }
 };
 
+// Bit i set where lane i of the comparison result m is true.
+NQ_INLINE unsigned lane_mask(v8i m) {
+  unsigned bits = 0;
+  for (int i = 0; i < kGroup; ++i) bits |= static_cast<unsigned>(m[i] & 1) << i;
+  return bits;
+}
+
 // out[k] = the minimum of the 8 values at bound[8k .. 8k+8), for k < 8 (a transposing reduction: 7 vector mins).
 inline __attribute__((always_inline)) void block_mins8(const float* bound, float* out) {
   const v8i even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
@@ -250,18 +257,21 @@ inline __attribute__((always_inline)) void block_mins8(const float* bound, float
 
 // The kTopK+1 smallest of the 512 bounds, ascending: each lies in one of the kTopK+1 blocks of 8 classes with the
 // smallest minima (the torch path's `_smallest` does the same), and is no larger than the largest of those minima,
-// so only the classes of those blocks within that threshold are ranked (dropping larger ones changes no outcome).
+// so only the classes of those blocks within that threshold are ranked (dropping larger ones changes no outcome);
+// one vector compare per block finds them.
 NQ_HOT void smallest_bounds(const float* bound, int* top) {
   constexpr int kBlocks = kClasses / kGroup;
   float block_min[kBlocks];
   for (int b = 0; b < kBlocks; b += kGroup) block_mins8(bound + b * kGroup, block_min + b);
   Smallest blocks, classes;
   for (int b = 0; b < kBlocks; ++b) blocks.offer(block_min[b], b);
-  const float threshold = blocks.value[kTopK];
+  const v8f threshold = v8f{} + blocks.value[kTopK];
   for (int k = 0; k < kTopK + 1; ++k) {
-    for (int i = 0; i < kGroup; ++i) {
-      const int c = blocks.index[k] * kGroup + i;
-      if (!(bound[c] > threshold)) classes.offer(bound[c], c);
+    const int first = blocks.index[k] * kGroup;
+    const v8i within = ~(load8(bound + first) > threshold);  // NaN counts as within: kTopK+1 classes still rank
+    for (unsigned m = lane_mask(within); m != 0; m &= m - 1) {
+      const int c = first + __builtin_ctz(m);
+      classes.offer(bound[c], c);
     }
   }
   for (int k = 0; k < kTopK + 1; ++k) top[k] = classes.index[k];

@@ -1,10 +1,12 @@
-"""benchmarks/eviction_offline.py --vs-kvpress: the shipped scorer vs kvpress, paired by chunk on the same chunks."""
+"""benchmarks/eviction_offline.py: --vs-kvpress (the shipped scorer vs kvpress, paired by chunk on the same chunks) and
+the token-level masks of the tok_* variants."""
 
 import math
 
 import pytest
+import torch
 
-from benchmarks.eviction_offline import key_of, vs_kvpress
+from benchmarks.eviction_offline import evicted_mask, evicted_tokens_mask, key_of, vs_kvpress
 
 CONT = 100
 
@@ -35,3 +37,16 @@ def test_different_chunks_are_refused():
     offline, kvpress = results({0.0: [1.0], 0.35: [1.0], 0.6: [1.0]}, {0.0: [1.0], 0.35: [1.0]}, digest="xyz")
     with pytest.raises(SystemExit, match="different chunks"):
         vs_kvpress(offline, kvpress)
+
+
+def test_token_level_mask_matches_the_block_policys_budget_and_keeps():
+    """The tok_* variants mask as many tokens as whole-block eviction frees, never in the sink block or window."""
+    torch.manual_seed(0)
+    scores = torch.rand(1024)
+    scores[32:64] = -1.0  # a whole low block: both masks take it
+    blocks = evicted_mask(scores[: 1024 // 32 * 32].view(-1, 32).amax(-1), 1024, 0.35)
+    tokens = evicted_tokens_mask(scores, 0.35)
+    assert int(tokens.sum()) == int(blocks.sum()) == 11 * 32
+    assert not tokens[:32].any() and not tokens[-32:].any()
+    assert tokens[32:64].all()
+    assert tokens.nonzero().flatten().tolist() != blocks.nonzero().flatten().tolist()
