@@ -436,14 +436,18 @@ def rows_of(result: dict) -> list[dict]:
     return sorted(rows, key=lambda r: (r["prefix_len"], r["rate"], r["delta_ppl"]))
 
 
+def pct_ci(delta: float, low: float, high: float) -> str:
+    """A relative change and its CI in percent: ``+1.23% [+0.45, +2.01]``."""
+    return f"{100 * delta:+.2f}% [{100 * low:+.2f}, {100 * high:+.2f}]"
+
+
 def table(rows: list[dict]) -> str:
     lines = [f"| prefix | rate | variant | evicted | ΔPPL vs rate 0 [95% CI] | Δ vs {BASELINE} [95% CI] |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        vs = (f"{100 * r['vs_baseline']:+.2f}% [{100 * r['vs_ci_low']:+.2f}, {100 * r['vs_ci_high']:+.2f}]"
-              if "vs_baseline" in r else "")
+        vs = pct_ci(r["vs_baseline"], r["vs_ci_low"], r["vs_ci_high"]) if "vs_baseline" in r else ""
         lines.append(f"| {r['prefix_len']} | {r['rate']:.2f} | {r['variant']} | {r['fraction_evicted']:.2f} | "
-                     f"{100 * r['delta_ppl']:+.2f}% [{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}] | {vs} |")
+                     f"{pct_ci(r['delta_ppl'], r['ci_low'], r['ci_high'])} | {vs} |")
     return "\n".join(lines)
 
 
@@ -486,8 +490,8 @@ def vs_kvpress_table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['prefix_len']} | {r['rate']:.2f} | {r['variant']}: {100 * r['ours']:+.2f}% | "
-                     f"{r['press']}: {100 * r['theirs']:+.2f}% | {100 * r['delta']:+.2f}% "
-                     f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}] | {r['chunks']} |")
+                     f"{r['press']}: {100 * r['theirs']:+.2f}% | {pct_ci(r['delta'], r['ci_low'], r['ci_high'])} | "
+                     f"{r['chunks']} |")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@
 
 #include "hadamard.h"
 #include "parallel.h"
+#include "simd.h"
 
 namespace {
 
@@ -23,21 +24,15 @@ constexpr int kMaxDim = 512;
 constexpr int kMaxGqa = 16;
 constexpr int kChunk = 32;  // tokens per online-softmax step: their decoded K and V (16 KiB at d = 64) stay in L1
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-// Unaligned views for loads and stores; typed (not memcpy) so that stores into the State arrays cannot alias the
-// pointers the loops read, which the compiler can then keep in registers.
-typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4)));
-typedef int32_t v8i_unaligned __attribute__((vector_size(32), aligned(4)));
+using nq::load8;
+using nq::store8;
+using nq::v8f;
+using nq::v8i;
+using nq::v8i_unaligned;
 
-#define NQ_INLINE inline __attribute__((always_inline))
 // The pair loop gets an x86-64-v3 clone (AVX2, FMA), chosen at load time by the CPU's ISA level (not by CPU model,
 // so AMD CPUs get it too); setup.py lets this file fuse multiply-adds.
 #define NQ_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
-
-NQ_INLINE v8f load8(const float* p) { return *reinterpret_cast<const v8f_unaligned*>(p); }
-
-NQ_INLINE void store8(float* p, v8f v) { *reinterpret_cast<v8f_unaligned*>(p) = v; }
 
 NQ_INLINE float hsum(v8f v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
@@ -203,19 +198,6 @@ struct DensePages {
   }
 };
 
-// Lane t of the result is the sum of the lanes of v[t] (a transposing reduction: 7 adds for 8 sums).
-NQ_INLINE v8f sums8(const v8f* v) {
-  const v8i even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
-  const v8i lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
-  const v8i lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
-  v8f x[4], y[2];
-  for (int i = 0; i < 4; ++i) {
-    x[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], even) + __builtin_shuffle(v[2 * i], v[2 * i + 1], odd);
-  }
-  for (int i = 0; i < 2; ++i) y[i] = __builtin_shuffle(x[2 * i], x[2 * i + 1], lo2) + __builtin_shuffle(x[2 * i], x[2 * i + 1], hi2);
-  return __builtin_shuffle(y[0], y[1], lo4) + __builtin_shuffle(y[0], y[1], hi4);
-}
-
 // p[t] = (q . k[t]) * k_scale[t] for the chunk's rows, 8 at a time (rows past n hold stale values, never used).
 NQ_INLINE void chunk_scores(const State& st, const float* q, int d, int n, float* p) {
   for (int t0 = 0; t0 < n; t0 += kGroup) {
@@ -224,7 +206,7 @@ NQ_INLINE void chunk_scores(const State& st, const float* q, int d, int n, float
       const v8f qg = load8(q + g);
       for (int t = 0; t < kGroup; ++t) partial[t] += qg * load8(st.k + (t0 + t) * d + g);
     }
-    store8(p + t0, sums8(partial) * load8(st.k_scale + t0));
+    store8(p + t0, nq::reduce8(partial, [](v8f a, v8f b) { return a + b; }) * load8(st.k_scale + t0));
   }
 }
 

@@ -14,6 +14,7 @@
 
 #include "hadamard.h"
 #include "parallel.h"
+#include "simd.h"
 
 namespace {
 
@@ -27,13 +28,9 @@ constexpr float kFp16Max = 65504.0f;
 constexpr float kTiny = 1e-30f;
 constexpr float kShift[2] = {0.25f, -0.25f};
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4)));
-
-#define NQ_INLINE inline __attribute__((always_inline))
-
-NQ_INLINE v8f load8(const float* p) { return *reinterpret_cast<const v8f_unaligned*>(p); }
+using nq::load8;
+using nq::v8f;
+using nq::v8i;
 
 struct Tables {
   float pattern_t[kGroup][kPatterns];  // E8P absolute patterns, coordinate-major (loops over patterns vectorize)
@@ -219,7 +216,7 @@ struct Smallest {
   int index[kTopK + 1];
   int count = 0;
 
-  inline __attribute__((always_inline)) void offer(float v, int c) {
+  NQ_INLINE void offer(float v, int c) {
     if (count == kTopK + 1 && !(v < value[kTopK])) return;
     int j = count < kTopK + 1 ? count++ : kTopK;
     while (j > 0 && v < value[j - 1]) {
@@ -239,19 +236,11 @@ NQ_INLINE unsigned lane_mask(v8i m) {
   return bits;
 }
 
-// out[k] = the minimum of the 8 values at bound[8k .. 8k+8), for k < 8 (a transposing reduction: 7 vector mins).
-inline __attribute__((always_inline)) void block_mins8(const float* bound, float* out) {
-  const v8i even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
-  const v8i lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
-  const v8i lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
-  auto min = [](v8f a, v8f b) { return a < b ? a : b; };
-  v8f x[4], y[2];
-  for (int i = 0; i < 4; ++i) {
-    const v8f a = load8(bound + 16 * i), b = load8(bound + 16 * i + 8);
-    x[i] = min(__builtin_shuffle(a, b, even), __builtin_shuffle(a, b, odd));
-  }
-  for (int i = 0; i < 2; ++i) y[i] = min(__builtin_shuffle(x[2 * i], x[2 * i + 1], lo2), __builtin_shuffle(x[2 * i], x[2 * i + 1], hi2));
-  const v8f z = min(__builtin_shuffle(y[0], y[1], lo4), __builtin_shuffle(y[0], y[1], hi4));
+// out[k] = the minimum of the 8 values at bound[8k .. 8k+8), for k < 8.
+NQ_INLINE void block_mins8(const float* bound, float* out) {
+  v8f rows[kGroup];
+  for (int k = 0; k < kGroup; ++k) rows[k] = load8(bound + k * kGroup);
+  const v8f z = nq::reduce8(rows, [](v8f a, v8f b) { return a < b ? a : b; });
   for (int k = 0; k < kGroup; ++k) out[k] = z[k];
 }
 
