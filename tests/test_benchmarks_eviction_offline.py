@@ -50,3 +50,25 @@ def test_token_level_mask_matches_the_block_policys_budget_and_keeps():
     assert not tokens[:32].any() and not tokens[-32:].any()
     assert tokens[32:64].all()
     assert tokens.nonzero().flatten().tolist() != blocks.nonzero().flatten().tolist()
+
+
+def test_per_layer_head_masks_take_the_same_budget_in_every_row():
+    """The lh_* variants: each layer and KV head masks as many tokens as whole blocks free, each its own."""
+    torch.manual_seed(1)
+    scores = torch.rand(2, 3, 1024)
+    mask = evicted_tokens_mask(scores, 0.35)
+    assert mask.shape == (2, 3, 1024)
+    assert (mask.sum(-1) == 11 * 32).all()
+    assert not mask[..., :32].any() and not mask[..., -32:].any()
+    assert not torch.equal(mask[0, 0], mask[1, 2])
+    for row, s in zip(mask.view(-1, 1024), scores.view(-1, 1024)):
+        assert torch.equal(row, evicted_tokens_mask(s, 0.35))
+
+
+def test_compaction_rows_come_first_when_the_run_has_them():
+    offline, kvpress = results({0.0: [300.0, 310.0], 0.35: [302.0, 312.0], 0.6: [305.0, 315.0]},
+                               {0.0: [290.0, 300.0], 0.35: [291.0, 301.0]})
+    offline["nll"][key_of(1024, 0.35, "compaction_w8")] = [300.5, 310.5]
+    rows = vs_kvpress(offline, kvpress)
+    assert [r["variant"] for r in rows] == ["compaction_w8", "snapkv"]
+    assert rows[0]["delta"] == pytest.approx(math.expm1(-0.5 / CONT), abs=1e-6)

@@ -65,25 +65,37 @@ class WindowAttentionScorer:
         post-RoPE prompt queries and keys of one request; only the last ``window`` queries are used. ``heads="max"``
         needs ``block_size`` (every token of a block gets the block's score).
         """
-        num_q_heads, tokens, _ = queries.shape
-        num_kv_heads = keys.shape[0]
-        window = min(self.window, tokens)
-        q = queries[:, tokens - window :].to(torch.float32)
-        k = keys.to(torch.float32).repeat_interleave(num_q_heads // num_kv_heads, dim=0)
-        logits = q @ k.transpose(-1, -2) * softmax_scale  # [q_heads, window, tokens]
-        query_pos = torch.arange(tokens - window, tokens, device=q.device)[:, None]
-        logits = logits.masked_fill(torch.arange(tokens, device=q.device) > query_pos, float("-inf"))
-        per_head = logits.softmax(-1).mean(1)  # [q_heads, tokens]: each head's window attention, sums to 1
+        return self.reduce(window_attention(queries, keys, softmax_scale, self.window), block_size)
+
+    def reduce(self, per_head: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
+        """:meth:`score` from the window attention ``[num_q_heads, tokens]`` (:func:`window_attention`)."""
         if self.heads == "max":
             if block_size is None:
                 raise ValueError('heads="max" scores whole blocks: pass block_size')
             return block_mass_max(per_head, block_size)
-        scores = per_head.mean(0)
-        if self.pool > 1:
-            scores = torch.nn.functional.avg_pool1d(
-                scores[None, None], self.pool, stride=1, padding=self.pool // 2, count_include_pad=False
-            )[0, 0]
+        return pool_positions(per_head.mean(0), self.pool)
+
+
+def window_attention(queries: torch.Tensor, keys: torch.Tensor, softmax_scale: float, window: int) -> torch.Tensor:
+    """``[num_q_heads, tokens]``: each query head's causal softmax over the prompt keys, averaged over the last
+    ``window`` prompt queries (``queries`` ``[Hq, tokens, D]``, ``keys`` ``[Hk, tokens, D]``, GQA)."""
+    num_q_heads, tokens, _ = queries.shape
+    window = min(window, tokens)
+    q = queries[:, tokens - window :].to(torch.float32)
+    k = keys.to(torch.float32).repeat_interleave(num_q_heads // keys.shape[0], dim=0)
+    logits = q @ k.transpose(-1, -2) * softmax_scale  # [q_heads, window, tokens]
+    query_pos = torch.arange(tokens - window, tokens, device=q.device)[:, None]
+    logits = logits.masked_fill(torch.arange(tokens, device=q.device) > query_pos, float("-inf"))
+    return logits.softmax(-1).mean(1)
+
+
+def pool_positions(scores: torch.Tensor, width: int) -> torch.Tensor:
+    """Average ``scores`` ``[..., tokens]`` over ``width`` (odd) neighbouring positions, same length."""
+    if width == 1:
         return scores
+    flat = scores.reshape(-1, 1, scores.shape[-1])
+    pooled = torch.nn.functional.avg_pool1d(flat, width, stride=1, padding=width // 2, count_include_pad=False)
+    return pooled.reshape(scores.shape)
 
 
 def block_mass_max(per_head: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -190,6 +190,10 @@ class NexusQuantMetadataBuilder(AttentionMetadataBuilder[NexusQuantMetadata]):
         return NexusQuantMetadata(num_actual_tokens=cam.num_actual_tokens, groups=groups)
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class NexusQuantImpl(AttentionImpl[NexusQuantMetadata]):
     def __init__(
         self,
@@ -296,14 +300,14 @@ class NexusQuantImpl(AttentionImpl[NexusQuantMetadata]):
 
         if attn_metadata.kernel is not None and self.triton:
             if eviction_scores.collecting():  # a prompt ends this step and asked for eviction
-                qs, ks = (q, k) if self.fmt is None else (self.codec.rotate(q.float()), self.codec.rotate(k.float()))
-                eviction_scores.observe(qs, ks, read_pages, self.scale)
+                qkv = (q, k, v) if self.fmt is None else tuple(self.codec.rotate(t.float()) for t in (q, k, v))
+                self._observe_for_eviction(*qkv, kv_cache, read_pages)
             triton_path.attention(q, k, v, kv_cache, attn_metadata.kernel, self.scale, self.fmt, out)
             return output
 
         if self.fmt is None:
             if eviction_scores.collecting():
-                eviction_scores.observe(q, k, read_pages, self.scale)
+                self._observe_for_eviction(q, k, v, kv_cache, read_pages)
             groups = self._native_decode(q, k, v, kv_cache, attn_metadata.groups, out)
             attend(q, k, v, groups, read_pages, self.scale, out)
             return output
@@ -321,11 +325,19 @@ class NexusQuantImpl(AttentionImpl[NexusQuantMetadata]):
         out_rot = torch.empty(n, self.num_heads, self.head_size, dtype=torch.float32, device=q.device)
         q_rot, k_rot, v_rot = (self.codec.rotate(t.float()) for t in (q, k, v))
         if eviction_scores.collecting():
-            eviction_scores.observe(q_rot, k_rot, read_pages, self.scale)
+            self._observe_for_eviction(q_rot, k_rot, v_rot, kv_cache, read_pages)
         groups = self._native_decode(q_rot, k_rot, v_rot, kv_cache, groups, out_rot)
         attend(q_rot, k_rot, v_rot, groups, read_pages, self.scale, out_rot)
         out.copy_(self.codec.unrotate(out_rot))
         return output
+
+    def _observe_for_eviction(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, read_pages: PageReader
+    ) -> None:
+        """Hand this step's q, k, v (in the pages' domain: E8 pages live in the codec's rotated one) to the
+        eviction scorer."""
+        to_model = _identity if self.fmt is None else self.codec.unrotate
+        eviction_scores.observe(eviction_scores.LayerStep(q, k, v, read_pages, self.scale, kv_cache, to_model))
 
     def _page_reader(self, kv_cache: torch.Tensor) -> PageReader:
         """The torch path's reader of cached blocks: head-major ``[Hk, n, block_size, D]`` K and V, dense or

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from nexusquant_vllm.eviction import WindowAttentionScorer, heads_for_rate
-from nexusquant_vllm.eviction.scorers import MASS_MAX_MIN_RATE, block_mass_max
-from nexusquant_vllm.vllm_glue.eviction.scores import ScoreCollector, ScoredRequest
+from nexusquant_vllm.eviction.scorers import MASS_MAX_MIN_RATE, block_mass_max, window_attention
+from nexusquant_vllm.eviction.compaction import compact_blocks, compaction_scores
+from nexusquant_vllm.eviction.expected import Rope, expected_scores
+from nexusquant_vllm.vllm_glue.eviction.scores import LayerStep, ScoreCollector, ScoredRequest
 
 
 def naive_head_attention(queries, keys, scale, window):
@@ -50,15 +52,27 @@ def test_invalid_scorer_settings():
         WindowAttentionScorer(heads="max").score(torch.zeros(2, 10, 4), torch.zeros(1, 10, 4), 1.0)
 
 
-def fake_pages(keys: torch.Tensor, block_size: int):
-    """A page reader over one request's keys ``[Hk, tokens, D]`` laid out in blocks 0, 1, ... (values unused)."""
+def fake_pages(keys: torch.Tensor, block_size: int, values: torch.Tensor | None = None):
+    """A page reader over one request's keys and values ``[Hk, tokens, D]`` laid out in blocks 0, 1, ..."""
     hk, tokens, d = keys.shape
-    pages = torch.nn.functional.pad(keys, (0, 0, 0, -tokens % block_size)).view(hk, -1, block_size, d)
+    values = torch.zeros_like(keys) if values is None else values
+    k, v = (torch.nn.functional.pad(x, (0, 0, 0, -tokens % block_size)).view(hk, -1, block_size, d)
+            for x in (keys, values))
 
     def read(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return pages[:, ids], torch.zeros_like(pages[:, ids])
+        return k[:, ids], v[:, ids]
 
     return read
+
+
+def step_rows(other: torch.Tensor, prompt: torch.Tensor, cached: int) -> torch.Tensor:
+    """A step's flat batch: rows of another request, then this prompt's tokens computed now ([H, P, D] -> rows)."""
+    return torch.cat([other, prompt[:, cached:].transpose(0, 1)])
+
+
+def layer_step(q, k, v, keys, values, block_size, kv_cache=None) -> LayerStep:
+    cache = torch.zeros(0) if kv_cache is None else kv_cache
+    return LayerStep(q, k, v, fake_pages(keys, block_size, values), 0.3, cache, lambda x: x)
 
 
 @pytest.mark.parametrize("heads", ["mean", "max"])
@@ -75,13 +89,47 @@ def test_collector_chunked_prompt_equals_whole_prompt(heads, cached):
     for _ in range(layers):
         queries, keys = torch.randn(4, tokens, 8, generator=gen), torch.randn(2, tokens, 8, generator=gen)
         # this step's flat batch: 2 rows of another request, then the prompt tokens computed now
-        step_q = torch.cat([torch.randn(2, 4, 8, generator=gen), queries[:, cached:].transpose(0, 1)])
-        step_k = torch.cat([torch.randn(2, 2, 8, generator=gen), keys[:, cached:].transpose(0, 1)])
-        collector.observe(step_q, step_k, fake_pages(keys, block_size), 0.3)
+        step_q = step_rows(torch.randn(2, 4, 8, generator=gen), queries, cached)
+        step_k = step_rows(torch.randn(2, 2, 8, generator=gen), keys, cached)
+        collector.observe(layer_step(step_q, step_k, torch.zeros_like(step_k), keys, None, block_size))
         expected += scorer.score(queries, keys, 0.3, block_size=block_size)
     got = collector.take()["r"]
     assert torch.allclose(got, expected, atol=1e-5)
     assert collector.take() == {}
+    assert collector.compactions == {}  # no RoPE known: nothing kept for compaction
+
+
+@pytest.mark.parametrize("cached", [0, 16, 36])
+def test_collector_compacts_each_layer_with_its_own_scores(cached):
+    """Per layer: expected-attention scores of the whole prompt (last ``expected_window`` queries) plus its window
+    attention, then ``compact`` rewrites that layer's cache exactly like compact_blocks with those scores, and
+    forgets them."""
+    gen = torch.Generator().manual_seed(5)
+    tokens, block_size, layers, d = 40, 8, 2, 8
+    inv_freq = 100.0 ** (-torch.arange(0, d, 2) / d)
+    angles = torch.arange(256)[:, None] * inv_freq
+    rope = Rope(angles.cos(), angles.sin())
+    collector = ScoreCollector(WindowAttentionScorer(window=6, pool=3), rope=rope, expected_window=4)
+    collector.plan_step([ScoredRequest("r", token_start=2, num_cached=cached, num_prompt=tokens,
+                                       block_ids=list(range(5)), block_size=block_size)])
+    window = min(6, tokens - cached)
+    caches, wants, per_layer = [], [], []
+    for _ in range(layers):
+        queries, keys, values = (torch.randn(h, tokens, d, generator=gen) for h in (4, 2, 2))
+        cache = torch.randn(6, 2, block_size, 3, generator=gen)
+        q, k, v = (step_rows(torch.randn(2, x.shape[0], d, generator=gen), x, cached) for x in (queries, keys, values))
+        collector.observe(layer_step(q, k, v, keys, values, block_size, cache))
+        expected = expected_scores(queries[:, -4:], torch.arange(tokens - 4, tokens), keys, values, 0.3, rope)
+        per_layer.append(compaction_scores(expected, window_attention(queries, keys, 0.3, window)))
+        caches.append(cache)
+        wants.append(cache.clone())
+    physical, span, targets = torch.tensor([5, 4, 3, 2, 1]), torch.tensor([1, 2, 3]), torch.tensor([1, 3])
+    for want, scores in zip(wants, per_layer):
+        compact_blocks(want, scores, physical, span, targets)
+    collector.compact("r", physical.tolist(), span.tolist(), targets.tolist())
+    for cache, want in zip(caches, wants):
+        assert torch.allclose(cache, want)
+    assert collector.compactions == {}
 
 
 def test_head_reduction_follows_the_rate():

@@ -70,6 +70,12 @@ def _event(connector, req_id):
     return next((e for e in connector.events if e["req_id"] == req_id or e["req_id"].startswith(req_id + "-")), None)
 
 
+def worker_connector():
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    return get_kv_transfer_group()
+
+
 def _assert_fluent(text: str) -> None:
     words = text.split()
     assert len(words) >= 10 and len(set(words)) >= 5, text  # fluent text, not a repeated token
@@ -115,6 +121,10 @@ def test_free_blocks_rise_by_exactly_the_freed_blocks_and_worker_mirrors(engine)
     assert sum(b.is_null for b in blocks) == len(event["blocks"])
     assert event["tokens_evicted"] == len(event["blocks"]) * BLOCK_SIZE
     assert event["tokens_evicted"] <= 0.35 * event["prompt_tokens"]
+    # Compaction rewrote the other eligible blocks; none of them stays a prefix-cache entry.
+    assert event["compacted"] and event["blocks_compacted"] == len(event["compacted"])
+    assert not set(event["compacted"]) & set(event["blocks"])
+    assert all(blocks[i].block_hash is None for i in event["compacted"])
     # Worker: both the persistent batch row and the request's block_ids hold the null block at the holes.
     state = runner.requests[rid]
     row = runner.input_batch.req_id_to_index[rid]
@@ -127,6 +137,8 @@ def test_free_blocks_rise_by_exactly_the_freed_blocks_and_worker_mirrors(engine)
         outs += [o for o in llm_engine.step() if o.finished]
     assert outs[0].kv_transfer_params["nq_eviction"]["blocks_freed"] == len(event["blocks"])
     assert pool.get_num_free_blocks() == free_start
+    assert worker_connector().collector.rope is not None  # SmolLM2's RoPE was found: the worker compacted
+    assert worker_connector().collector.compactions == {}  # and dropped the compaction scores
     prom_delta = [a - b for a, b in zip(_prom_totals(), prom_before)]
     assert prom_delta == [event["tokens_evicted"], event["blocks_freed"], 1]
     print(f"\nfree blocks back to {free_start}; eviction event {event}")
@@ -202,9 +214,10 @@ def test_prefix_cache_never_serves_post_eviction_blocks(engine):
 
 
 def test_multi_turn_resend_hits_evicted_blocks_and_stays_coherent(engine):
-    """Turn 2 resends turn 1's prompt and answer plus a new question: its prefix-cache hit covers all of turn 1's full
-    prompt blocks, the evicted ones included (freed with their hash, their KV computed over the full context), and it
-    evicts again over its own longer prompt; the answer stays fluent and no block leaks."""
+    """Turn 2 resends turn 1's prompt and answer plus a new question: its prefix-cache hit covers turn 1's full prompt
+    blocks up to the first one the compaction rewrote (those left the prefix cache), the evicted ones included
+    (freed with their hash, their KV computed over the full context), and it evicts again over its own longer
+    prompt; the answer stays fluent and no block leaks."""
     from vllm import TokensPrompt
 
     llm, pool = engine["llm"], engine["pool"]
@@ -220,7 +233,9 @@ def test_multi_turn_resend_hits_evicted_blocks_and_stays_coherent(engine):
     stats = turn2.kv_transfer_params["nq_eviction"]
     print(f"\n[turn 1] {turn1.outputs[0].text!r}\n[turn 2: cached {turn2.num_cached_tokens}, {stats}] "
           f"{turn2.outputs[0].text!r}")
-    assert turn2.num_cached_tokens == (len(turn1_ids) // BLOCK_SIZE) * BLOCK_SIZE
+    compacted = _event(engine["connector"], turn1.request_id)["compacted"]
+    assert compacted, "compaction is on by default"
+    assert turn2.num_cached_tokens == min(compacted) * BLOCK_SIZE
     assert stats["blocks_freed"] > 0 and stats["prompt_tokens"] == len(turn2_ids)
     _assert_fluent(turn2.outputs[0].text)
     assert pool.get_num_free_blocks() == free_start

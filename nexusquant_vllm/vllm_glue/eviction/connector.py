@@ -6,22 +6,30 @@ block pool (``bind_kv_cache_manager``) and to exchange per-step messages between
 
 1. **Worker, prefill step.** In the step that computes a request's last prompt tokens (or, with the per-request
    ``nq_eviction_at`` = N, its first N prompt tokens; see :mod:`.params`), the attention backend hands
-   every layer's queries and keys to :mod:`.scores` (``scores.observe``), which sums SnapKV-style window scores over
-   layers. ``build_connector_worker_meta`` ships ``{req_id: token scores}`` to the scheduler.
+   every layer's queries, keys and values to :mod:`.scores` (``scores.observe``), which sums SnapKV-style window
+   scores over layers and keeps, per layer, expected-attention scores per KV head. ``build_connector_worker_meta``
+   ships ``{req_id: token scores}`` to the scheduler.
 2. **Scheduler, next step.** ``update_connector_output`` stores the scores; ``build_connector_meta`` picks the whole
    logical blocks to free (:func:`nexusquant_vllm.eviction.blocks_to_free`; the first block, the recent window, the
    user's protected ranges and blocks shared with other requests are kept), replaces them with vLLM's null block in
    ``req_to_blocks``, returns them to the pool (the free-block count rises by exactly that many) and sends
-   ``{req_id: [logical block indices]}`` to the workers.
-3. **Worker, same step.** vLLM's worker block table is append-only for running requests, so the null-outs are
+   ``{req_id: [logical block indices]}`` to the workers, with the other eligible blocks, which the compaction
+   rewrites (they leave the prefix cache).
+3. **Worker, same step**, before the forward pass. Compaction
+   (:mod:`nexusquant_vllm.eviction.compaction`, on unless ``kv_connector_extra_config["compaction"]`` is false or
+   the model's RoPE is not a plain table): in every layer, each KV head's best tokens of the eligible span are
+   written into the kept eligible blocks, so each layer and head keeps its own tokens while the freed blocks are the
+   same everywhere. Then, since vLLM's worker block table is append-only for running requests, the null-outs are
    mirrored into the persistent batch and into ``requests[req_id].block_ids`` (a wrapper on
    ``GPUModelRunner._update_states``, installed only when this connector runs). The backend masks block 0 with -inf
    in every layer, so the holes are never attended.
 
 Engine life: a preempted request's eviction is reset and redone after its re-prefill; aborts free every block
 (the null entries are skipped by the pool); after an eviction no further block of the request enters the prefix
-cache (its later KV was computed over holes), while the blocks freed with their hash stay valid prefix-cache entries
-(their KV was computed over the full context). Per-request stats go to the log, to
+cache (its later KV was computed over holes) and the compacted blocks leave it, while the blocks freed with their
+hash stay valid prefix-cache entries (their KV was computed over the full context and the compaction only reads
+them). So a next chat turn that resends the conversation hits the prefix cache up to the first compacted block;
+with ``compaction`` off it hits every full prompt block. Per-request stats go to the log, to
 ``RequestOutput.kv_transfer_params["nq_eviction"]`` (also in the OpenAI completion response's ``kv_transfer_params``)
 and to vLLM's stat loggers and Prometheus ``/metrics`` (:mod:`.metrics`).
 
@@ -47,8 +55,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from nexusquant_vllm.eviction import EvictionPolicy, WindowAttentionScorer, blocks_to_free, heads_for_rate
+from nexusquant_vllm.eviction.expected import Rope
+from nexusquant_vllm.eviction.policy import eligible_blocks
 from nexusquant_vllm.vllm_glue.dtypes import is_served
 from nexusquant_vllm.vllm_glue.eviction import params, scores
+from nexusquant_vllm.vllm_glue.eviction.rope import rope_of
 from nexusquant_vllm.vllm_glue.eviction.metrics import EvictionPromMetrics, EvictionStats
 
 if TYPE_CHECKING:
@@ -65,9 +76,11 @@ NULL_BLOCK_ID = 0
 
 @dataclass
 class EvictionMetadata(KVConnectorMetadata):
-    """Scheduler -> workers, every step: logical block indices nulled this step, per request."""
+    """Scheduler -> workers, every step: per request decided this step, the logical blocks nulled (possibly none)
+    and the kept blocks its compaction may rewrite (none: no compaction)."""
 
     evicted: dict[str, list[int]] = field(default_factory=dict)
+    compact: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -95,7 +108,8 @@ class _RequestState:
 
 class NQEvictionConnector(KVConnectorBase_V1):
     """See the module docstring. ``kv_connector_extra_config``: ``eviction`` (server default rate or preset,
-    default ``lossless``), ``min_prompt_tokens`` (512), ``recent_tokens`` (32), ``window`` (32)."""
+    default ``lossless``), ``min_prompt_tokens`` (512), ``recent_tokens`` (32), ``window`` (32), ``compaction``
+    (true)."""
 
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config, role, kv_cache_config)
@@ -108,6 +122,7 @@ class NQEvictionConnector(KVConnectorBase_V1):
         extra = self._kv_transfer_config.kv_connector_extra_config
         self.default_policy = params.server_policy(extra)
         self.block_size = vllm_config.cache_config.block_size
+        self.compaction = params.compaction(extra)
         if role == KVConnectorRole.WORKER:
             window = int(extra.get(params.WINDOW_KEY, 32))
             self.collector = scores.ScoreCollector(WindowAttentionScorer(window=window))
@@ -162,12 +177,30 @@ class NQEvictionConnector(KVConnectorBase_V1):
         return EvictionWorkerMetadata({rid: s.tolist() for rid, s in taken.items()})
 
     def on_update_states(self, runner, scheduler_output: "SchedulerOutput") -> None:
-        """After vLLM's ``_update_states``: mirror this step's null-outs, then plan this step's scoring."""
+        """After vLLM's ``_update_states``: compact and mirror this step's evictions, then plan this step's scoring."""
+        if self.compaction and self.collector.rope is None:
+            self.collector.rope = self._model_rope(runner)
         meta = scheduler_output.kv_connector_metadata
         if isinstance(meta, EvictionMetadata):
             for req_id, idx in meta.evicted.items():
+                targets = meta.compact.get(req_id)
+                state = runner.requests.get(req_id)
+                if targets and state is not None:  # before the null-out: the freed blocks are read
+                    self.collector.compact(req_id, list(state.block_ids[0]), sorted(idx + targets), targets)
                 _null_out_worker_blocks(runner, req_id, idx)
+            self.collector.drop(meta.evicted)
+        self.collector.drop(scheduler_output.finished_req_ids)
+        self.collector.drop(scheduler_output.preempted_req_ids or ())
         self.collector.plan_step(self._plan(runner, scheduler_output))
+
+    def _model_rope(self, runner) -> Rope | None:
+        """The model's RoPE tables, once; without them (no plain RoPE found) nothing is compacted."""
+        rope = rope_of(runner.model)
+        if rope is None:
+            logger.warning("nexusquant eviction: no plain RoPE table found in %s; evicting whole blocks without "
+                           "per-head compaction", type(runner.model).__name__)
+        self.compaction = rope is not None
+        return rope
 
     def _plan(self, runner, scheduler_output: "SchedulerOutput") -> list[scores.ScoredRequest]:
         batch = runner.input_batch
@@ -231,12 +264,13 @@ class NQEvictionConnector(KVConnectorBase_V1):
                 continue
             if state.request.num_computed_tokens < state.evict_at:
                 continue  # stale scores of a preempted run; new ones come with the re-prefill
-            idx = self._evict(state)
-            if idx:
-                meta.evicted[req_id] = idx
+            meta.evicted[req_id], targets = self._evict(state)
+            if targets:
+                meta.compact[req_id] = targets
         return meta
 
-    def _evict(self, state: _RequestState) -> list[int]:
+    def _evict(self, state: _RequestState) -> tuple[list[int], list[int]]:
+        """Free the request's blocks; returns the freed logical blocks and the kept ones its compaction rewrites."""
         request, bs = state.request, self.block_size
         manager = self._kv_cache_manager
         single = manager.coordinator.single_type_managers
@@ -249,7 +283,9 @@ class NQEvictionConnector(KVConnectorBase_V1):
         state.scores = None
         # Blocks shared with another request (prefix-cache hits) free nothing: keep them, like nulls.
         keep = tuple((i * bs, (i + 1) * bs) for i, b in enumerate(blocks[: num_scored // bs]) if b.is_null or b.ref_cnt > 1)
-        idx = blocks_to_free(scores_, bs, replace(state.policy, protected=state.policy.protected + keep))
+        policy = replace(state.policy, protected=state.policy.protected + keep)
+        idx = blocks_to_free(scores_, bs, policy)
+        targets = sorted(set(eligible_blocks(num_scored, bs, policy)) - set(idx)) if idx and self.compaction else []
         free_before = pool.get_num_free_blocks()
         freed = [blocks[i] for i in idx]
         for i in idx:
@@ -259,23 +295,25 @@ class NQEvictionConnector(KVConnectorBase_V1):
         if idx and manager.enable_caching:
             # Later KV of this request is computed over holes: never serve it as a prefix hit. Stop caching new
             # blocks, and uncache those already cached past the prompt's full blocks (a block completed by the
-            # first decode token in this very schedule).
+            # first decode token in this very schedule) and the compacted ones (no longer what their hash says).
             stm.num_cached_block[request.request_id] = sys.maxsize
-            pool.evict_blocks({b.block_id for b in blocks[num_scored // bs :] if not b.is_null and b.block_hash})
+            rewritten = [blocks[i] for i in targets] + blocks[num_scored // bs :]
+            pool.evict_blocks({b.block_id for b in rewritten if not b.is_null and b.block_hash})
         evicted_tokens, num_prompt = len(idx) * bs, request.num_prompt_tokens
         state.stats = {
             "prompt_tokens": num_prompt, "tokens_evicted": evicted_tokens, "tokens_kept": num_prompt - evicted_tokens,
-            "blocks_freed": num_freed, "rate": state.policy.rate, "evicted_at": num_scored,
+            "blocks_freed": num_freed, "blocks_compacted": len(targets), "rate": state.policy.rate,
+            "evicted_at": num_scored,
             # tokens computed over the full cache; > evicted_at if the eviction point fell inside a prefill chunk
             "computed_before_eviction": request.num_computed_tokens,
         }
         self.num_blocks_freed += num_freed
         self._interval_stats.record(state.stats)
-        self.events.append({"req_id": request.request_id, "blocks": list(idx), **state.stats})
+        self.events.append({"req_id": request.request_id, "blocks": list(idx), "compacted": targets, **state.stats})
         logger.info("nexusquant eviction: request %s: %d/%d prompt tokens evicted (rate %.2f, decided after %d), "
                     "%d blocks freed %s", request.request_id, evicted_tokens, num_prompt, state.policy.rate,
                     num_scored, num_freed, list(idx))
-        return idx
+        return idx, targets
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         state = self._requests.pop(request.request_id, None)

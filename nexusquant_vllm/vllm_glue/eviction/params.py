@@ -35,6 +35,7 @@ CONNECTOR_NAME = "NQEvictionConnector"
 CONNECTOR_MODULE = "nexusquant_vllm.vllm_glue.eviction.connector"
 # kv_connector_extra_config keys (all optional)
 DEFAULT_KEY, MIN_PROMPT_KEY, RECENT_KEY, WINDOW_KEY = "eviction", "min_prompt_tokens", "recent_tokens", "window"
+COMPACTION_KEY = "compaction"
 
 
 def kv_transfer_config(default: object = "lossless", **extra: Any) -> dict:
@@ -122,6 +123,15 @@ def server_policy(extra_config: dict) -> EvictionPolicy:
         recent_tokens=int(extra_config.get(RECENT_KEY, base.recent_tokens)),
         sink_blocks=base.sink_blocks,
     )
+
+
+def compaction(extra_config: dict) -> bool:
+    """``kv_connector_extra_config["compaction"]`` (default on): refill the kept blocks of every layer with that
+    layer's and KV head's best tokens (``nexusquant_vllm.eviction.compaction``); off: whole-block eviction only."""
+    value = extra_config.get(COMPACTION_KEY, True)
+    if not isinstance(value, bool):
+        raise ValueError(f"kv_connector_extra_config.{COMPACTION_KEY} must be true or false, got {value!r}")
+    return value
 
 
 def request_policy(default: EvictionPolicy, extra_args: dict | None) -> EvictionPolicy:
