@@ -48,7 +48,7 @@ from nexusquant_vllm.eviction import EvictionPolicy, WindowAttentionScorer, bloc
 from nexusquant_vllm.eviction.expected import WINDOW as EXPECTED_WINDOW
 from nexusquant_vllm.eviction.compaction import RUN, compaction_scores, run_max
 from nexusquant_vllm.eviction.expected import Rope, expected_scores
-from nexusquant_vllm.eviction.scorers import window_attention
+from nexusquant_vllm.eviction.scorers import pool_positions, window_attention
 
 NAME = "eviction_offline"
 BLOCK = 32
@@ -134,11 +134,6 @@ def window_probs(q: torch.Tensor, k: torch.Tensor, window: int, scale: float) ->
     return logits.masked_fill(torch.arange(tokens) > pos, float("-inf")).softmax(-1)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
 def rope_tables(model: PreTrainedModel, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [count, D] of positions start..start+count-1, from the model's own rotary embedding."""
     ref = torch.zeros(1, dtype=torch.float32)
@@ -146,24 +141,12 @@ def rope_tables(model: PreTrainedModel, start: int, count: int) -> tuple[torch.T
     return cos[0], sin[0]
 
 
-def future_rotation(model: PreTrainedModel, start: int) -> torch.Tensor:
-    """The RoPE rotation matrix averaged over positions start..start+FUTURE-1 (kvpress's ``apply_avg_rope``)."""
-    cos, sin = rope_tables(model, start, FUTURE)
-    d = cos.shape[-1]
-    perm = torch.zeros(d, d)  # perm @ x == rotate_half(x)
-    perm[d // 2 :, : d // 2], perm[: d // 2, d // 2 :] = torch.eye(d // 2), -torch.eye(d // 2)
-    return (cos[:, :, None] * torch.eye(d) + sin[:, :, None] * perm).mean(0)
-
-
 def pool(x: torch.Tensor, width: int, kind: str) -> torch.Tensor:
-    """Pool the last dimension of ``x`` over ``width`` neighbouring positions (same length)."""
-    if width == 1:
-        return x
-    flat = x.reshape(-1, 1, x.shape[-1])
-    if kind == "avg":
-        out = torch.nn.functional.avg_pool1d(flat, width, stride=1, padding=width // 2, count_include_pad=False)
-    else:
-        out = torch.nn.functional.max_pool1d(flat, width, stride=1, padding=width // 2)
+    """Pool the last dimension of ``x`` over ``width`` neighbouring positions (same length): the product's average
+    (``scorers.pool_positions``) or a max."""
+    if kind == "avg" or width == 1:
+        return pool_positions(x, width)
+    out = torch.nn.functional.max_pool1d(x.reshape(-1, 1, x.shape[-1]), width, stride=1, padding=width // 2)
     return out.reshape(x.shape)
 
 
@@ -426,10 +409,10 @@ def prefill(model: PreTrainedModel, ids: torch.Tensor, prefix_len: int) -> Prefi
         window = min(MAX_WINDOW, prefix_len)
         probs = [window_probs(q, k, window, scale) for q, k in zip(STATE.queries, STATE.keys)]
         cos, sin = rope_tables(model, 0, prefix_len + FUTURE)
-        unrotated = [q * cos[:prefix_len] - rotate_half(q) * sin[:prefix_len] for q in STATE.queries]
-        rotation = future_rotation(model, prefix_len)
         half = cos.shape[-1] // 2
         rope = Rope(cos[:, :half], sin[:, :half], neox=True)  # HF's tables repeat each half
+        unrotated = [rope.unrotate(q, torch.arange(prefix_len)) for q in STATE.queries]
+        rotation = rope.average_rotation(prefix_len, FUTURE, cos.shape[-1])  # kvpress's ``apply_avg_rope``
     return Prefill(probs, STATE.queries, STATE.keys, STATE.values, scale, unrotated, rotation, rope)
 
 
