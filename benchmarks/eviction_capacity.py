@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rates", type=lambda s: [float(r) for r in s.split(",")], default=list(RATES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default=CAPACITY, help="results/<name>.{json,md}; `report` reads the default")
     args = parser.parse_args()
 
     prompts = corpus_token_chunks(AutoTokenizer.from_pretrained(str(smollm2_path())), args.requests,
@@ -133,8 +134,9 @@ def main() -> None:
     title = (f"Capacity ({args.dtype} cache, {args.blocks} blocks x {BLOCK_SIZE} tokens"
              + (f" = {kv_mib:.0f} MiB" if args.dtype == "bf16" else "")
              + f"; {args.requests} prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens each)")
-    write_results(CAPACITY, {"config": vars(args), "title": title, "rows": rows}, title + "\n\n" + capacity_table(rows))
-    print(title + "\n\n" + capacity_table(rows))
+    markdown = title + "\n\n" + capacity_table(rows)
+    write_results(args.name, {"config": vars(args), "title": title, "rows": rows}, markdown)
+    print(markdown)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,10 @@ class Prefill:
     def tokens(self) -> int:
         return self.keys[0].shape[1]
 
+    @property
+    def kv_heads(self) -> int:
+        return self.keys[0].shape[0]
+
 
 def window_probs(q: torch.Tensor, k: torch.Tensor, window: int, scale: float) -> torch.Tensor:
     """Softmax rows of the last ``window`` queries over the causal prefix: [Hq, window, P]."""
@@ -312,21 +316,22 @@ TOKEN_VARIANTS: dict[str, Callable[[Prefill], torch.Tensor]] = {
 VARIANTS.update(TOKEN_VARIANTS)
 
 
-def kv_groups(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """[L, Hq, P] -> [L, Hk, P]: mean over each KV head's group of query heads."""
-    return x.reshape(x.shape[0], kv_heads, -1, x.shape[-1]).mean(2)
+def kv_groups(x: torch.Tensor, kv_heads: int, reduce: str = "mean") -> torch.Tensor:
+    """[L, Hq, P] -> [L, Hk, P]: mean (or max) over each KV head's group of query heads."""
+    grouped = x.unflatten(1, (kv_heads, -1))
+    return grouped.mean(2) if reduce == "mean" else grouped.amax(2)
 
 
 def lh_snapkv(pre: Prefill, window: int = 32, width: int = 5) -> torch.Tensor:
     """[L, Hk, P]: SnapKV per layer and KV head (window attention, group mean, avg-pooled)."""
-    return pool(kv_groups(per_head(pre, window), pre.keys[0].shape[0]), width, "avg")
+    return pool(kv_groups(per_head(pre, window), pre.kv_heads), width, "avg")
 
 
 def lh_expected(pre: Prefill, window: int = 128) -> torch.Tensor:
     """[L, Hk, P]: the ``expected_*_vnorm`` statistics (post-RoPE window queries) per layer and KV head."""
     probs = torch.stack([expected_probs(q[:, -window:], k, v, pre.scale, True, None)
                          for q, k, v in zip(pre.queries, pre.keys, pre.values)])
-    return kv_groups(probs, pre.keys[0].shape[0])
+    return kv_groups(probs, pre.kv_heads)
 
 
 def lh_kvpress_window(pre: Prefill, window: int) -> torch.Tensor:
@@ -350,12 +355,11 @@ def compaction(pre: Prefill, run: int = 1) -> torch.Tensor:
 LAYER_HEAD_VARIANTS: dict[str, Callable[[Prefill], torch.Tensor]] = {
     "lh_snapkv": lh_snapkv,
     "lh_snapkv_w128": lambda p: lh_snapkv(p, window=128),
-    "lh_kvpress_ea": lambda p: kv_groups(kvpress_probs(p, vnorm=True), p.keys[0].shape[0]),
+    "lh_kvpress_ea": lambda p: kv_groups(kvpress_probs(p, vnorm=True), p.kv_heads),
     "lh_expected_w128": lh_expected,
-    "lh_kvpress_ea_max": lambda p: kvpress_probs(p, vnorm=True).reshape(len(p.keys), p.keys[0].shape[0], -1,
-                                                                      p.tokens).amax(2),
-    "lh_kvpress_ea_pool": lambda p: pool(kv_groups(kvpress_probs(p, vnorm=True), p.keys[0].shape[0]), 3, "avg"),
-    "lh_kvpress_ea_novnorm": lambda p: kv_groups(kvpress_probs(p, vnorm=False), p.keys[0].shape[0]),
+    "lh_kvpress_ea_max": lambda p: kv_groups(kvpress_probs(p, vnorm=True), p.kv_heads, "max"),
+    "lh_kvpress_ea_pool": lambda p: pool(kv_groups(kvpress_probs(p, vnorm=True), p.kv_heads), 3, "avg"),
+    "lh_kvpress_ea_novnorm": lambda p: kv_groups(kvpress_probs(p, vnorm=False), p.kv_heads),
     "lh_kvpress_ea_w256": lambda p: lh_kvpress_window(p, 256),
     "lh_kvpress_ea_w128": lambda p: lh_kvpress_window(p, 128),
     "lh_kvpress_ea_w64": lambda p: lh_kvpress_window(p, 64),
@@ -368,7 +372,7 @@ LAYER_HEAD_VARIANTS: dict[str, Callable[[Prefill], torch.Tensor]] = {
     "compaction_c16": lambda p: run_max(compaction(p), 16),
     "lh_mix": lambda p: lh_kvpress_window(p, EXPECTED_WINDOW) + lh_snapkv(p),
     "lh_mix_max": lambda p: torch.maximum(lh_kvpress_window(p, EXPECTED_WINDOW), lh_snapkv(p)),
-    "l_snapkv": lambda p: pool(per_head(p, 32).mean(1), 5, "avg")[:, None].expand(-1, p.keys[0].shape[0], -1),
+    "l_snapkv": lambda p: pool(per_head(p, 32).mean(1), 5, "avg")[:, None].expand(-1, p.kv_heads, -1),
 }
 VARIANTS.update(LAYER_HEAD_VARIANTS)
 
@@ -437,7 +441,7 @@ def key_of(prefix_len: int, rate: float, variant: str) -> str:
 
 def variant_masks(pre: Prefill, variants: list[str], rates: list[float]) -> tuple[list[str], list[torch.Tensor]]:
     """Result keys and evicted-position masks ``[L, Hk, P]``: rate 0, then every (variant, rate)."""
-    shape = (len(pre.keys), pre.keys[0].shape[0], pre.tokens)
+    shape = (len(pre.keys), pre.kv_heads, pre.tokens)
     keys, masks = [key_of(pre.tokens, 0.0, "-")], [torch.zeros(shape, dtype=torch.bool)]
     for name in variants:
         with torch.inference_mode():
