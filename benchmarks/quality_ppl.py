@@ -42,7 +42,7 @@ def bits_per_element(dtype: str, protected: int) -> tuple[float, float]:
         return 16.0, 16.0
     if dtype.startswith("fp8"):
         return 8.0, 8.0
-    from nexusquant_vllm.vllm_glue.dtypes import get_format
+    from nexusquant_vllm.dtypes import get_format
 
     b = get_format(dtype, HEAD_DIM).bits_per_element
     return b, (protected * 16.0 + (NUM_LAYERS - protected) * b) / NUM_LAYERS
@@ -97,7 +97,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from benchmarks.common import corpus_token_chunks, smollm2_path
-    from nexusquant_vllm.vllm_glue.startup import protected_layers
+    from nexusquant_vllm.config import NexusQuantConfig, parse_protect_layers
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--chunks", type=int, default=16)
@@ -111,7 +111,7 @@ def main() -> None:
     model = str(smollm2_path())
     chunks = corpus_token_chunks(AutoTokenizer.from_pretrained(model), args.chunks, args.chunk_len, args.seed)
     n_scored = args.chunk_len - args.batch_tokens
-    n_protected = len(protected_layers(NUM_LAYERS))
+    n_protected = len(parse_protect_layers(NexusQuantConfig.from_env().protect_layers, NUM_LAYERS))
     dtypes = args.dtypes.split(",")
     if "auto" not in dtypes:
         dtypes.insert(0, "auto")

@@ -9,22 +9,18 @@ from nexusquant_vllm.codec.kv import (
     encode_vectors,
     split_slots,
 )
-from nexusquant_vllm.codec.rope import RopeSpec, apply_rope, remove_rope
 from nexusquant_vllm.codec.rotation import rotate, rotation_matrix, unrotate
 
 __all__ = [
     "DEFAULT_DTYPE",
     "E8_DTYPES",
     "KVFormat",
-    "RopeSpec",
-    "apply_rope",
     "decode_kv",
     "decode_kv_rotated",
     "decode_vectors_rotated",
     "encode_kv",
     "encode_vectors",
     "get_format",
-    "remove_rope",
     "rotate",
     "rotation_matrix",
     "split_slots",

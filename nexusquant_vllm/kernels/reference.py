@@ -1,28 +1,32 @@
-"""Plain torch references of the kernels, built on the codec (the definition of what the kernels must compute).
-
-Written for clarity, not speed: a Python loop over sequences, full dequantization of the pages a sequence uses.
-"""
+"""Torch references of the kernels: the torch attention path (``nexusquant_vllm.attention``) on the CPU, called
+with the kernels' arguments. What the kernels must compute is what the torch path computes, on the same pages."""
 
 from __future__ import annotations
 
 import torch
 
+from nexusquant_vllm.attention.pages import CodecPages, DensePages, Pages
+from nexusquant_vllm.attention.paged import plan_groups
+from nexusquant_vllm.attention.torch_path import TorchPath
 from nexusquant_vllm.codec.format import KVFormat
-from nexusquant_vllm.codec.kv import decode_kv_rotated, encode_kv
-from nexusquant_vllm.codec.rotation import rotation_matrix
-
-NULL_BLOCK_ID = 0
 
 
-def _pages_rotated(kv_cache: torch.Tensor, ids: torch.Tensor, fmt: KVFormat | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """K, V of pages ``ids`` as float32 ``[Hk, n * block_size, D]`` in the rotated domain."""
-    pages = kv_cache[ids].transpose(0, 1)  # [Hk, n, bs, W]
+def _pages(fmt: KVFormat | None, kv_cache: torch.Tensor) -> Pages:
     if fmt is None:
-        d = kv_cache.shape[-1] // 2
-        k, v = pages[..., :d].float(), pages[..., d:].float()
-    else:
-        k, v = decode_kv_rotated(pages, fmt)
-    return k.flatten(1, 2), v.flatten(1, 2)
+        return DensePages(kv_cache.shape[-1] // 2)
+    import nexusquant_vllm.codec as codec
+
+    return CodecPages(codec, fmt)
+
+
+def _attend_ref(query, key, value, kv_cache, block_table, query_start_loc, seq_lens, scale, fmt) -> torch.Tensor:
+    """float32 output of the torch path over CPU copies of everything (rows past the last request: zeros)."""
+    cpu = (lambda t: None if t is None else t.cpu())
+    query, key, value, kv_cache, block_table = map(cpu, (query, key, value, kv_cache, block_table))
+    groups = plan_groups(query_start_loc.cpu(), seq_lens.cpu(), block_table, kv_cache.shape[2])
+    out = torch.zeros(query.shape, dtype=torch.float32)
+    TorchPath(_pages(fmt, kv_cache), scale).attend(query, key, value, kv_cache, groups, out)
+    return out
 
 
 def paged_decode_attention_ref(
@@ -37,29 +41,14 @@ def paged_decode_attention_ref(
 ) -> torch.Tensor:
     """Reference of :func:`nexusquant_vllm.kernels.decode_attention` (original domain in and out, float32).
 
-    Same arguments. Tokens in block 0 (vLLM's null block) are excluded from the softmax; a sequence with nothing
-    to attend to yields zeros. bf16 pages (``fmt=None``) are used in the domain they are stored in (no rotation).
+    Same arguments: ``seq_lens`` counts the cached positions; ``k_new``/``v_new`` (optional) are the current
+    token's raw K/V. Tokens in block 0 (vLLM's null block) are excluded from the softmax; a sequence with nothing
+    to attend to yields zeros.
     """
-    num_seqs, num_q_heads, d = q.shape
-    num_kv_heads, page = kv_cache.shape[1], kv_cache.shape[2]
-    group = num_q_heads // num_kv_heads
-    rot = rotation_matrix(d) if fmt is not None else torch.eye(d)
-    out = torch.zeros(num_seqs, num_q_heads, d)
-    for s in range(num_seqs):
-        n = int(seq_lens[s])
-        ids = block_table[s, : (n + page - 1) // page].long().cpu()
-        k, v = _pages_rotated(kv_cache.cpu(), ids, fmt)
-        valid = (ids != NULL_BLOCK_ID).repeat_interleave(page)[:n]
-        k, v = k[:, :n][:, valid], v[:, :n][:, valid]  # [Hk, L, D]
-        if k_new is not None:
-            k = torch.cat([k, (k_new[s].float().cpu() @ rot)[:, None]], 1)
-            v = torch.cat([v, (v_new[s].float().cpu() @ rot)[:, None]], 1)
-        if k.shape[1] == 0:
-            continue
-        qs = (q[s].float().cpu() @ rot).view(num_kv_heads, group, d)
-        p = torch.softmax(qs @ k.transpose(1, 2) * scale, -1)  # [Hk, g, L]
-        out[s] = (p @ v).reshape(num_q_heads, d) @ rot.T
-    return out
+    num_seqs = q.shape[0]
+    query_start_loc = torch.arange(num_seqs + 1)
+    total = seq_lens.cpu().long() + 1  # the query row is this step's token, whether or not its K/V are given
+    return _attend_ref(q, k_new, v_new, kv_cache, block_table, query_start_loc, total, scale, fmt)
 
 
 def prefill_attention_ref(
@@ -77,41 +66,13 @@ def prefill_attention_ref(
 
     Same arguments. Request r's new tokens (rows ``query_start_loc[r]..[r+1]``) attend to its cached context, the
     first ``seq_lens[r] - q_len`` positions of its pages minus those in block 0 (vLLM's null block), and causally to
-    its own raw ``key``/``value`` rows. Rows past the last request are zeros. bf16 pages (``fmt=None``) are used in
-    the domain they are stored in (no rotation).
+    its own raw ``key``/``value`` rows. Rows past the last request are zeros.
     """
-    num_tokens, num_q_heads, d = query.shape
-    num_kv_heads, page = kv_cache.shape[1], kv_cache.shape[2]
-    group = num_q_heads // num_kv_heads
-    rot = rotation_matrix(d) if fmt is not None else torch.eye(d)
-    starts = query_start_loc.cpu().tolist()
-    out = torch.zeros(num_tokens, num_q_heads, d)
-    for r, n_ctx_new in enumerate(seq_lens.cpu().tolist()):
-        rows = slice(starts[r], starts[r + 1])
-        q_len = starts[r + 1] - starts[r]
-        cached = n_ctx_new - q_len
-        ids = block_table[r, : (cached + page - 1) // page].long().cpu()
-        k_ctx, v_ctx = _pages_rotated(kv_cache.cpu(), ids, fmt)  # [Hk, n * page, D]
-        valid = (ids != NULL_BLOCK_ID).repeat_interleave(page)[:cached]
-        k_new = (key[rows].float().cpu() @ rot).transpose(0, 1)  # [Hk, q_len, D]
-        v_new = (value[rows].float().cpu() @ rot).transpose(0, 1)
-        k = torch.cat([k_ctx[:, :cached], k_new], 1)
-        v = torch.cat([v_ctx[:, :cached], v_new], 1)
-        causal = torch.ones(q_len, q_len, dtype=torch.bool).tril()
-        allowed = torch.cat([valid.expand(q_len, cached), causal], 1)  # [q_len, cached + q_len]
-        q = (query[rows].float().cpu() @ rot).view(q_len, num_kv_heads, group, d).permute(1, 2, 0, 3)
-        s = (q @ k[:, None].transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))  # [Hk, g, q_len, L]
-        o = torch.softmax(s, -1) @ v[:, None]  # [Hk, g, q_len, D]
-        out[rows] = o.permute(2, 0, 1, 3).reshape(q_len, num_q_heads, d) @ rot.T
-    return out
+    return _attend_ref(query, key, value, kv_cache, block_table, query_start_loc, seq_lens, scale, fmt)
 
 
 def store_kv_ref(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, fmt: KVFormat | None
 ) -> None:
-    """Reference of :func:`nexusquant_vllm.kernels.store_kv`: codec-encode and write rows ``slot_mapping >= 0``."""
-    keep = slot_mapping >= 0
-    key, value, slots = key[keep], value[keep], slot_mapping[keep].long()
-    page = kv_cache.shape[2]
-    rows = encode_kv(key, value, fmt) if fmt is not None else torch.cat([key, value], -1).to(kv_cache.dtype)
-    kv_cache[slots // page, :, slots % page] = rows
+    """Reference of :func:`nexusquant_vllm.kernels.store_kv`: the torch path's store (rows ``slot_mapping >= 0``)."""
+    TorchPath(_pages(fmt, kv_cache), 1.0).store(key, value, kv_cache, slot_mapping)

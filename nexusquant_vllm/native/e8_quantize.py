@@ -4,7 +4,8 @@
 Same algorithm as the torch reference, one vector at a time in C++ (measured by ``benchmarks/codec_distortion.py``:
 see its throughput rows); codes equal the reference's except where two codewords are at exactly the same distance.
 The library is a plain C ABI built by ``setup.py`` as ``_e8_quantize_cpu*.so`` next to this file and called through
-ctypes, which releases the GIL, so batches are split over ``torch.get_num_threads()`` threads.
+ctypes; inside one call, rows are split over up to ``torch.get_num_threads()`` threads of torch's own OpenMP team
+(``csrc/parallel.h``), which is also the team vLLM's CPU worker runs on.
 """
 
 from __future__ import annotations

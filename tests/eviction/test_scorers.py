@@ -8,7 +8,8 @@ from nexusquant_vllm.eviction import WindowAttentionScorer, heads_for_rate
 from nexusquant_vllm.eviction.scorers import MASS_MAX_MIN_RATE, block_mass_max, window_attention
 from nexusquant_vllm.eviction.compaction import compact_blocks, compaction_scores
 from nexusquant_vllm.eviction.expected import Rope, expected_scores
-from nexusquant_vllm.vllm_glue.eviction.scores import LayerStep, ScoreCollector, ScoredRequest
+from nexusquant_vllm.attention import LayerStep
+from nexusquant_vllm.eviction.collector import ExpectedAttentionHeads, ScoreCollector, ScoredRequest
 
 
 def naive_head_attention(queries, keys, scale, window):
@@ -72,7 +73,7 @@ def step_rows(other: torch.Tensor, prompt: torch.Tensor, cached: int) -> torch.T
 
 def layer_step(q, k, v, keys, values, block_size, kv_cache=None) -> LayerStep:
     cache = torch.zeros(0) if kv_cache is None else kv_cache
-    return LayerStep(q, k, v, fake_pages(keys, block_size, values), 0.3, cache, lambda x: x)
+    return LayerStep(q, k, v, fake_pages(keys, block_size, values), 0.3, cache)
 
 
 @pytest.mark.parametrize("heads", ["mean", "max"])
@@ -96,12 +97,12 @@ def test_collector_chunked_prompt_equals_whole_prompt(heads, cached):
     got = collector.take()["r"]
     assert torch.allclose(got, expected, atol=1e-5)
     assert collector.take() == {}
-    assert collector.compactions == {}  # no RoPE known: nothing kept for compaction
+    assert collector.compactions == {}  # no head scorer: nothing kept for compaction
 
 
 @pytest.mark.parametrize("cached", [0, 16, 36])
 def test_collector_compacts_each_layer_with_its_own_scores(cached):
-    """Per layer: expected-attention scores of the whole prompt (last ``expected_window`` queries) plus its window
+    """Per layer: expected-attention scores of the whole prompt (last ``window`` queries of the head scorer) plus its window
     attention, then ``compact`` rewrites that layer's cache exactly like compact_blocks with those scores, and
     forgets them."""
     gen = torch.Generator().manual_seed(5)
@@ -109,7 +110,7 @@ def test_collector_compacts_each_layer_with_its_own_scores(cached):
     inv_freq = 100.0 ** (-torch.arange(0, d, 2) / d)
     angles = torch.arange(256)[:, None] * inv_freq
     rope = Rope(angles.cos(), angles.sin())
-    collector = ScoreCollector(WindowAttentionScorer(window=6, pool=3), rope=rope, expected_window=4)
+    collector = ScoreCollector(WindowAttentionScorer(window=6, pool=3), ExpectedAttentionHeads(rope, window=4))
     collector.plan_step([ScoredRequest("r", token_start=2, num_cached=cached, num_prompt=tokens,
                                        block_ids=list(range(5)), block_size=block_size)])
     window = min(6, tokens - cached)

@@ -1,7 +1,6 @@
-"""The backend's wiring of the Triton path: ``do_kv_cache_update`` and ``forward`` of ``NexusQuantImpl`` with the
-kernels' metadata (``NEXUSQUANT_ATTENTION=triton``; on the CPU interpreter without CUDA) against the same calls on
-the reference path (``NEXUSQUANT_ATTENTION=torch``: the native/torch store and ``attend``), for E8 and protected
-layers."""
+"""The backend's wiring: ``do_kv_cache_update`` and ``forward`` of ``NexusQuantImpl`` built with
+``attention="triton"`` (``NEXUSQUANT_ATTENTION``; on the CPU interpreter without CUDA) against layers built with
+``attention="torch"``, for E8 and protected layers, and the step batch the metadata builder hands the paths."""
 
 from types import SimpleNamespace
 
@@ -10,15 +9,15 @@ import torch
 
 pytest.importorskip("vllm")
 
-from nexusquant_vllm.vllm_glue import triton_path  # noqa: E402
-from nexusquant_vllm.vllm_glue.backend import NexusQuantImpl, NexusQuantMetadata, kernel_metadata  # noqa: E402
-from nexusquant_vllm.vllm_glue.paged_attention import plan_groups  # noqa: E402
+from nexusquant_vllm.attention import TorchPath, TritonPath  # noqa: E402
+from nexusquant_vllm.vllm_glue.backend import NexusQuantImpl, NexusQuantMetadata, step_batch  # noqa: E402
 
 HQ, HK, D, PAGE, NUM_BLOCKS = 4, 2, 32, 16, 10
 TABLE = torch.tensor([[1, 2, 0], [3, 0, 4], [5, 6, 7]], dtype=torch.int32)  # 0: vLLM's null block (a hole)
 
 
-def impl(dtype: str) -> NexusQuantImpl:
+def impl(dtype: str, attention: str, monkeypatch) -> NexusQuantImpl:
+    monkeypatch.setenv("NEXUSQUANT_ATTENTION", attention)
     return NexusQuantImpl(HQ, D, D**-0.5, HK, None, None, dtype)
 
 
@@ -40,7 +39,8 @@ def slots_of(positions: list[torch.Tensor]) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", ["e8-k3v2", "auto"])
 def test_store_and_attention_match_the_reference_path(dtype, device, monkeypatch):
     gen = torch.Generator().manual_seed(0)
-    layer = impl(dtype)
+    layers = {name: impl(dtype, name, monkeypatch) for name in ("torch", "triton")}
+    assert isinstance(layers["torch"].path, TorchPath) and isinstance(layers["triton"].path, TritonPath)
     cached = torch.tensor([20, 35, 40])  # tokens already in the cache
     q_lens = torch.tensor([1, 5, 1])  # a mixed step: two decode rows and a continuation chunk
     seq_lens = cached + q_lens
@@ -48,10 +48,9 @@ def test_store_and_attention_match_the_reference_path(dtype, device, monkeypatch
     k_ctx, v_ctx = (torch.randn(int(cached.sum()), HK * D, generator=gen).bfloat16().to(device) for _ in range(2))
 
     caches = {}
-    for path in ("torch", "triton"):
-        monkeypatch.setenv(triton_path.ATTENTION_ENV, path)
-        caches[path] = empty_cache(layer, device)
-        layer.do_kv_cache_update(None, k_ctx, v_ctx, caches[path], slots_of(positions).to(device))
+    for name, layer in layers.items():
+        caches[name] = empty_cache(layer, device)
+        layer.do_kv_cache_update(None, k_ctx, v_ctx, caches[name], slots_of(positions).to(device))
     same = (caches["torch"] == caches["triton"]).float().mean()
     assert same > 0.95, f"stores agree on {float(same):.1%} of the bytes"
 
@@ -59,21 +58,32 @@ def test_store_and_attention_match_the_reference_path(dtype, device, monkeypatch
     q = torch.randn(n, HQ * D, generator=gen).bfloat16().to(device)
     k, v = (torch.randn(n, HK * D, generator=gen).bfloat16().to(device) for _ in range(2))
     query_start_loc = torch.cat([torch.zeros(1, dtype=torch.int32), q_lens.cumsum(0).int()])
-    kernel = triton_path.KernelMetadata(query_start_loc.to(device), seq_lens.int().to(device), TABLE.to(device),
-                                        int(q_lens.max()), int(seq_lens.max()))
-    groups = plan_groups(query_start_loc, seq_lens, TABLE, PAGE, device)
-    ref = layer.forward(None, q, k, v, caches["torch"], NexusQuantMetadata(n, groups))
-    got = layer.forward(None, q, k, v, caches["torch"], NexusQuantMetadata(n, [], kernel))
-    err = (got.float() - ref.float()).abs().max() / ref.float().abs().max()
+    cam = SimpleNamespace(
+        num_reqs=3, query_start_loc=query_start_loc.to(device), query_start_loc_cpu=query_start_loc,
+        seq_lens=seq_lens.int().to(device), seq_lens_cpu_upper_bound=seq_lens, block_table_tensor=TABLE.to(device),
+        max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()),
+    )
+    batch = step_batch(cam, PAGE)
+    out = {name: layer.forward(None, q, k, v, caches["torch"], NexusQuantMetadata(n, type(layer.path).plan(batch)))
+           for name, layer in layers.items()}
+    err = (out["triton"].float() - out["torch"].float()).abs().max() / out["torch"].float().abs().max()
     assert float(err) < 2e-2
 
 
-def test_kernel_metadata_trims_vllm_tensors_to_the_real_requests():
+def test_step_batch_trims_vllm_tensors_to_the_real_requests():
     cam = SimpleNamespace(
-        num_reqs=2, query_start_loc=torch.tensor([0, 1, 4, 4]), seq_lens=torch.tensor([9, 7, 0]),
+        num_reqs=2, query_start_loc=torch.tensor([0, 1, 4, 4]), query_start_loc_cpu=torch.tensor([0, 1, 4, 4]),
+        seq_lens=torch.tensor([9, 7, 0]), seq_lens_cpu_upper_bound=None,
         block_table_tensor=torch.arange(12).view(3, 4), max_query_len=3, max_seq_len=9,
     )
-    meta = kernel_metadata(cam)
-    assert meta.query_start_loc.tolist() == [0, 1, 4] and meta.seq_lens.tolist() == [9, 7]
-    assert meta.block_table.shape == (2, 4) and meta.num_reqs == 2
-    assert (meta.max_query_len, meta.max_seq_len) == (3, 9)
+    batch = step_batch(cam, 16)
+    assert batch.query_start_loc.tolist() == [0, 1, 4] and batch.seq_lens.tolist() == [9, 7]
+    assert batch.block_table.shape == (2, 4) and batch.seq_lens_cpu is None and batch.block_size == 16
+    meta = TritonPath.plan(batch)
+    assert meta.num_reqs == 2 and (meta.max_query_len, meta.max_seq_len) == (3, 9)
+    assert [g.token_idx.shape for g in TorchPath.plan(batch)] == [(1, 1), (1, 3)]  # host copy of seq_lens taken
+
+
+def test_an_unknown_attention_choice_is_refused(monkeypatch):
+    with pytest.raises(ValueError, match="attention='fastest'"):
+        impl("e8-k3v2", "fastest", monkeypatch)

@@ -8,9 +8,8 @@ request; with small tiles, requests span several query tiles and several causal 
 import pytest
 import torch
 
-from nexusquant_vllm.codec import E8_DTYPES, decode_kv_rotated, get_format, rotate, unrotate
+from nexusquant_vllm.codec import E8_DTYPES, get_format, rotate, unrotate
 from nexusquant_vllm.kernels import prefill_attention, prefill_attention_ref
-from nexusquant_vllm.vllm_glue.paged_attention import attend, plan_groups
 
 RTOL = 1e-2
 NUM_BLOCKS = 9
@@ -107,18 +106,3 @@ def test_strided_cache_and_raw_kv_into_out_buffer(device):
                           out=out, rotated=rotated)
         assert not strided.is_contiguous() and not views[1].is_contiguous()
         assert rel_err(unrotate(out.float()) if rotated else out, ref) < RTOL
-
-
-def test_reference_matches_backend_torch_path():
-    """The reference computes what the backend's torch path (``paged_attention.attend``) computes."""
-    gen = torch.Generator().manual_seed(4)
-    cache, fmt = make_cache("e8-k4v4", 2, 16, 32, gen)
-    q, k, v, starts, seq_lens = make_batch(4, 2, 32, gen)
-    ref = prefill_attention_ref(q, k, v, cache, TABLE, starts, seq_lens, 32**-0.5, fmt)
-
-    def read_pages(ids):
-        return decode_kv_rotated(cache.transpose(0, 1)[:, ids], fmt)
-
-    groups = plan_groups(starts, seq_lens, TABLE, 16)
-    torch_out = attend(rotate(q), rotate(k), rotate(v), groups, read_pages, 32**-0.5, torch.zeros(q.shape))
-    assert torch.allclose(unrotate(torch_out), ref, atol=1e-5)

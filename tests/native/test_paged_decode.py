@@ -7,7 +7,8 @@ import torch
 
 from nexusquant_vllm import codec
 from nexusquant_vllm.native import paged_decode as native
-from nexusquant_vllm.vllm_glue.paged_attention import attend, plan_groups
+from nexusquant_vllm.attention.pages import CodecPages, DensePages
+from nexusquant_vllm.attention.paged import attend, plan_groups
 
 NUM_KV_HEADS, NUM_BLOCKS = 2, 32
 
@@ -43,8 +44,7 @@ def test_e8_pages_match_torch_attend(dtype, head_dim, gqa, block_size):
     k, v = torch.randn(2, NUM_BLOCKS, NUM_KV_HEADS, block_size, head_dim).unbind(0)
     cache = codec.encode_kv(k, v, fmt)  # [num_blocks, Hk, bs, slot]
     query, key, value, table, cached = _batch(head_dim, gqa, block_size)
-    expected = _torch_attend(query, key, value, table, cached, block_size,
-                             lambda ids: codec.decode_kv_rotated(cache.transpose(0, 1)[:, ids], fmt))
+    expected = _torch_attend(query, key, value, table, cached, block_size, CodecPages(codec, fmt).reader(cache))
     got = native.decode_attention(query, key, value, cache, table, cached, head_dim**-0.5, fmt)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
@@ -56,12 +56,7 @@ def test_dense_pages_match_torch_attend(page_dtype):
     head_dim, gqa, block_size = 64, 3, 32
     pages = torch.randn(NUM_BLOCKS, NUM_KV_HEADS, block_size, 2 * head_dim).to(page_dtype)
     query, key, value, table, cached = _batch(head_dim, gqa, block_size)
-
-    def read_pages(ids):
-        p = pages.transpose(0, 1)[:, ids]
-        return p[..., :head_dim], p[..., head_dim:]
-
-    expected = _torch_attend(query, key, value, table, cached, block_size, read_pages)
+    expected = _torch_attend(query, key, value, table, cached, block_size, DensePages(head_dim).reader(pages))
     got = native.decode_attention(query, key, value, pages, table, cached, head_dim**-0.5)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
@@ -72,12 +67,7 @@ def test_extreme_scores_stay_finite():
     pages = torch.randn(NUM_BLOCKS, NUM_KV_HEADS, 32, 128) * 30
     query, key, value, table, cached = _batch(64, 1, 32)
     query, key = query * 30, key * 30
-
-    def read_pages(ids):
-        p = pages.transpose(0, 1)[:, ids]
-        return p[..., :64], p[..., 64:]
-
-    expected = _torch_attend(query, key, value, table, cached, 32, read_pages)
+    expected = _torch_attend(query, key, value, table, cached, 32, DensePages(64).reader(pages))
     got = native.decode_attention(query, key, value, pages, table, cached, 64**-0.5)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

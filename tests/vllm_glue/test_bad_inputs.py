@@ -124,17 +124,17 @@ def test_every_problem_of_a_model_in_one_error():
 
 
 def test_protected_layer_syntax():
-    from nexusquant_vllm.vllm_glue.startup import protected_layers
+    from nexusquant_vllm.config import parse_protect_layers
 
-    assert protected_layers(30, "2") == [0, 1, 28, 29]
-    assert protected_layers(30, "none") == [] == protected_layers(30, "0")
-    assert protected_layers(30, "0,5,29") == [0, 5, 29]
-    assert protected_layers(30, "7,") == [7]
-    assert protected_layers(4, "9") == [0, 1, 2, 3]
+    assert parse_protect_layers("2", 30) == [0, 1, 28, 29]
+    assert parse_protect_layers("none", 30) == [] == parse_protect_layers("0", 30)
+    assert parse_protect_layers("0,5,29", 30) == [0, 5, 29]
+    assert parse_protect_layers("7,", 30) == [7]
+    assert parse_protect_layers("9", 4) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="NEXUSQUANT_PROTECT_LAYERS"):
-        protected_layers(30, "first-two")
+        parse_protect_layers("first-two", 30)
     with pytest.raises(ValueError, match="out of range"):
-        protected_layers(30, "3,30")
+        parse_protect_layers("3,30", 30)
 
 
 def test_self_check_rejects_a_layer_not_served_by_nexusquant(monkeypatch):

@@ -5,7 +5,7 @@ import torch
 
 from nexusquant_vllm.codec import get_format, rotate
 from nexusquant_vllm.codec.scalar import pack_bits, unpack_bits
-from nexusquant_vllm.vllm_glue import scalar_baseline
+from nexusquant_vllm.codec import scalar_baseline
 
 
 @pytest.mark.parametrize("name", list(scalar_baseline.SCALAR_DTYPES))

@@ -302,24 +302,26 @@ def test_eviction_stats_aggregate_and_reduce():
 
 
 def test_invalid_server_default_and_env_are_refused(monkeypatch):
-    from nexusquant_vllm.vllm_glue.eviction.params import ENV, configure_engine_args, server_policy
+    from nexusquant_vllm.config import NexusQuantConfig
+    from nexusquant_vllm.vllm_glue.eviction.params import server_policy
 
     with pytest.raises(ValueError, match="kv_connector_extra_config.eviction"):
         kv_transfer_config("half")
     with pytest.raises(ValueError, match="kv_connector_extra_config.eviction"):
         server_policy({"eviction": 2})
-    monkeypatch.setenv(ENV, "everything")
-    with pytest.raises(ValueError, match=ENV):
-        configure_engine_args(object())
+    monkeypatch.setenv("NEXUSQUANT_EVICTION", "everything")
+    with pytest.raises(ValueError, match="NEXUSQUANT_EVICTION"):
+        NexusQuantConfig.from_env()
 
 
 def test_env_var_installs_the_connector(monkeypatch):
     from types import SimpleNamespace
 
-    from nexusquant_vllm.vllm_glue.eviction.params import ENV, configure_engine_args
+    from nexusquant_vllm.vllm_glue.startup import before_engine_config
 
-    monkeypatch.setenv(ENV, "balanced")
-    args = SimpleNamespace(kv_transfer_config=None)
-    configure_engine_args(args)
+    monkeypatch.setenv("NEXUSQUANT_EVICTION", "balanced")
+    args = SimpleNamespace(kv_transfer_config=None, kv_cache_dtype="e8-k3v2", additional_config={})
+    before_engine_config(args)
     assert args.kv_transfer_config.kv_connector == "NQEvictionConnector"
     assert args.kv_transfer_config.kv_connector_extra_config["eviction"] == "balanced"
+    assert args.additional_config["nexusquant"]["eviction"] == "balanced"  # what every worker reads

@@ -11,11 +11,11 @@ How to turn it on (an e8 ``--kv-cache-dtype`` is required):
 * Per request: ``SamplingParams(extra_args={"nq_eviction": 0.35})`` or ``"vllm_xargs": {"nq_eviction":
   "conservative"}`` over the OpenAI API (needs the connector installed; its default may be ``lossless``).
 
-Modules: ``params`` (rates, defaults, request validation), ``scores`` (worker-side score collection, called by the
-attention backend), ``connector`` (the KV connector: decision, block freeing, worker block-table mirror, stats),
-``metrics`` (the stats as vLLM KV-connector stats: engine log line and Prometheus histograms).
+Modules: ``params`` (rates, defaults, request validation), ``connector`` (the KV connector: decision, block freeing, worker block-table mirror, stats),
+``metrics`` (the stats as vLLM KV-connector stats: engine log line and Prometheus histograms), ``rope`` (the loaded
+model's RoPE tables). The scoring itself is vLLM-free: ``nexusquant_vllm.eviction.collector``.
 """
 
-from nexusquant_vllm.vllm_glue.eviction.params import ENV, EXTRA_ARG, kv_transfer_config
+from nexusquant_vllm.vllm_glue.eviction.params import EXTRA_ARG, kv_transfer_config
 
-__all__ = ["ENV", "EXTRA_ARG", "kv_transfer_config"]
+__all__ = ["EXTRA_ARG", "kv_transfer_config"]

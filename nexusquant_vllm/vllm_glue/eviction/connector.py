@@ -6,8 +6,9 @@ block pool (``bind_kv_cache_manager``) and to exchange per-step messages between
 
 1. **Worker, prefill step.** In the step that computes a request's last prompt tokens (or, with the per-request
    ``nq_eviction_at`` = N, its first N prompt tokens; see :mod:`.params`), the attention backend hands
-   every layer's queries, keys and values to :mod:`.scores` (``scores.observe``), which sums SnapKV-style window
-   scores over layers and keeps, per layer, expected-attention scores per KV head. ``build_connector_worker_meta``
+   every layer's queries, keys and values to the connector's :class:`~nexusquant_vllm.eviction.collector.ScoreCollector`
+   (the layers' observer, attached in ``register_kv_caches``), which sums SnapKV-style window scores over layers and
+   keeps, per layer, expected-attention scores per KV head. ``build_connector_worker_meta``
    ships ``{req_id: token scores}`` to the scheduler.
 2. **Scheduler, next step.** ``update_connector_output`` stores the scores; ``build_connector_meta`` picks the whole
    logical blocks to free (:func:`nexusquant_vllm.eviction.blocks_to_free`; the first block, the recent window, the
@@ -20,8 +21,8 @@ block pool (``bind_kv_cache_manager``) and to exchange per-step messages between
    the model's RoPE is not a plain table): in every layer, each KV head's best tokens of the eligible span are
    written into the kept eligible blocks, so each layer and head keeps its own tokens while the freed blocks are the
    same everywhere. Then, since vLLM's worker block table is append-only for running requests, the null-outs are
-   mirrored into the persistent batch and into ``requests[req_id].block_ids`` (a wrapper on
-   ``GPUModelRunner._update_states``, installed only when this connector runs). The backend masks block 0 with -inf
+   mirrored into the persistent batch and into ``requests[req_id].block_ids`` (after
+   ``GPUModelRunner._update_states``: ``compat.wrap_update_states``, installed only when this connector runs). The backend masks block 0 with -inf
    in every layer, so the holes are never attended.
 
 Engine life: a preempted request's eviction is reset and redone after its re-prefill; aborts free every block
@@ -38,7 +39,6 @@ Requires an e8 ``--kv-cache-dtype`` (only the nexusquant backend masks holes) an
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -54,13 +54,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
+from nexusquant_vllm.attention.paged import NULL_BLOCK_ID
+from nexusquant_vllm.dtypes import is_served
 from nexusquant_vllm.eviction import EvictionPolicy, WindowAttentionScorer, blocks_to_free, heads_for_rate
-from nexusquant_vllm.eviction.expected import Rope
+from nexusquant_vllm.eviction.collector import ExpectedAttentionHeads, ScoreCollector, ScoredRequest
 from nexusquant_vllm.eviction.policy import eligible_blocks
-from nexusquant_vllm.vllm_glue.dtypes import is_served
-from nexusquant_vllm.vllm_glue.eviction import params, scores
-from nexusquant_vllm.vllm_glue.eviction.rope import rope_of
+from nexusquant_vllm.vllm_glue import compat
+from nexusquant_vllm.vllm_glue.eviction import params
 from nexusquant_vllm.vllm_glue.eviction.metrics import EvictionPromMetrics, EvictionStats
+from nexusquant_vllm.vllm_glue.eviction.rope import rope_of
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -71,7 +73,6 @@ logger = init_logger("vllm.nexusquant.eviction")
 
 STATS_KEY = "nq_eviction"
 EVENTS_KEPT = 1024  # bounded: a server evicts for as long as it runs
-NULL_BLOCK_ID = 0
 
 
 @dataclass
@@ -125,13 +126,12 @@ class NQEvictionConnector(KVConnectorBase_V1):
         self.compaction = params.compaction(extra)
         if role == KVConnectorRole.WORKER:
             window = int(extra.get(params.WINDOW_KEY, 32))
-            self.collector = scores.ScoreCollector(WindowAttentionScorer(window=window))
-            scores.install(self.collector)
-            _install_update_states_hook()
+            self.collector = ScoreCollector(WindowAttentionScorer(window=window))
+            self._rope_looked_up = False
+            compat.wrap_update_states(_on_update_states)
         else:
             self._requests: dict[str, _RequestState] = {}
             self._interval_stats = EvictionStats()
-            self.num_blocks_freed = 0  # over the engine's life, for tests and benchmarks
             self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)  # the latest evictions, for tests
         logger.info("nexusquant eviction connector (%s): server default %s", role.name, self.default_policy)
 
@@ -158,6 +158,12 @@ class NQEvictionConnector(KVConnectorBase_V1):
 
     # ---- worker side ------------------------------------------------------------------------------------------
 
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Once the worker's caches exist: make the collector the observer of every nexusquant attention layer."""
+        for layer in compat.attention_layers(self._vllm_config).values():
+            if hasattr(layer.impl, "observer"):
+                layer.impl.observer = self.collector
+
     def start_load_kv(self, forward_context, **kwargs) -> None:
         return
 
@@ -178,8 +184,8 @@ class NQEvictionConnector(KVConnectorBase_V1):
 
     def on_update_states(self, runner, scheduler_output: "SchedulerOutput") -> None:
         """After vLLM's ``_update_states``: compact and mirror this step's evictions, then plan this step's scoring."""
-        if self.compaction and self.collector.rope is None:
-            self.collector.rope = self._model_rope(runner)
+        if self.compaction and not self._rope_looked_up:
+            self._use_model_rope(runner)
         meta = scheduler_output.kv_connector_metadata
         if isinstance(meta, EvictionMetadata):
             for req_id, idx in meta.evicted.items():
@@ -193,16 +199,19 @@ class NQEvictionConnector(KVConnectorBase_V1):
         self.collector.drop(scheduler_output.preempted_req_ids or ())
         self.collector.plan_step(self._plan(runner, scheduler_output))
 
-    def _model_rope(self, runner) -> Rope | None:
-        """The model's RoPE tables, once; without them (no plain RoPE found) nothing is compacted."""
+    def _use_model_rope(self, runner) -> None:
+        """Compact with the model's RoPE tables (looked up once); without them (no plain RoPE found) nothing is
+        compacted."""
+        self._rope_looked_up = True
         rope = rope_of(runner.model)
         if rope is None:
             logger.warning("nexusquant eviction: no plain RoPE table found in %s; evicting whole blocks without "
                            "per-head compaction", type(runner.model).__name__)
-        self.compaction = rope is not None
-        return rope
+            self.compaction = False
+            return
+        self.collector.head_scorer = ExpectedAttentionHeads(rope)
 
-    def _plan(self, runner, scheduler_output: "SchedulerOutput") -> list[scores.ScoredRequest]:
+    def _plan(self, runner, scheduler_output: "SchedulerOutput") -> list[ScoredRequest]:
         batch = runner.input_batch
         plan, start = [], 0
         for row, req_id in enumerate(batch.req_ids):
@@ -211,7 +220,7 @@ class NQEvictionConnector(KVConnectorBase_V1):
             cached, point = int(batch.num_computed_tokens_cpu[row]), self._eviction_point(state)
             if point is not None and cached < point[0] <= cached + n_sched:
                 evict_at, rate = point
-                plan.append(scores.ScoredRequest(req_id, start, cached, evict_at, list(state.block_ids[0]),
+                plan.append(ScoredRequest(req_id, start, cached, evict_at, list(state.block_ids[0]),
                                                  self.block_size, heads_for_rate(rate)))
             start += n_sched
         return plan
@@ -307,7 +316,6 @@ class NQEvictionConnector(KVConnectorBase_V1):
             # tokens computed over the full cache; > evicted_at if the eviction point fell inside a prefill chunk
             "computed_before_eviction": request.num_computed_tokens,
         }
-        self.num_blocks_freed += num_freed
         self._interval_stats.record(state.stats)
         self.events.append({"req_id": request.request_id, "blocks": list(idx), "compacted": targets, **state.stats})
         logger.info("nexusquant eviction: request %s: %d/%d prompt tokens evicted (rate %.2f, decided after %d), "
@@ -322,34 +330,15 @@ class NQEvictionConnector(KVConnectorBase_V1):
         return False, {STATS_KEY: dict(state.stats)}
 
 
-# ---- the worker-side patch ------------------------------------------------------------------------------------
-
-_PATCHED_ATTR = "_nexusquant_eviction_patched"
+# ---- the worker-side step hook ----------------------------------------------------------------------------------
 
 
-def _install_update_states_hook() -> None:
-    """Wrap ``GPUModelRunner._update_states`` (vllm/v1/worker/gpu_model_runner.py:1172 in 0.32; the CPU runner
-    inherits it) so that the eviction connector sees every step's scheduler output after the persistent batch is
-    updated and before inputs are prepared. Idempotent; a no-op for runs without this connector."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    original = GPUModelRunner._update_states
-    if getattr(original, _PATCHED_ATTR, False):
-        return
-
-    @functools.wraps(original)
-    def _update_states(self, scheduler_output, *args, **kwargs):
-        result = original(self, scheduler_output, *args, **kwargs)
-        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
-
-        if has_kv_transfer_group():
-            connector = get_kv_transfer_group()
-            if isinstance(connector, NQEvictionConnector):
-                connector.on_update_states(self, scheduler_output)
-        return result
-
-    setattr(_update_states, _PATCHED_ATTR, True)
-    GPUModelRunner._update_states = _update_states
+def _on_update_states(runner, scheduler_output: "SchedulerOutput") -> None:
+    """After vLLM's ``_update_states`` (``compat.wrap_update_states``): hand the step to this process's eviction
+    connector, if it is one (a no-op for runs without it)."""
+    connector = compat.kv_transfer_group()
+    if isinstance(connector, NQEvictionConnector):
+        connector.on_update_states(runner, scheduler_output)
 
 
 def _null_out_worker_blocks(runner, req_id: str, idx: list[int]) -> None:

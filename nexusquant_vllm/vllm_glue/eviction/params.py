@@ -1,7 +1,8 @@
 """Where a request's eviction rate comes from: a server default and a per-request override.
 
 * **Server default**: ``kv_connector_extra_config["eviction"]`` of the eviction connector (see
-  :func:`kv_transfer_config`), or, when the connector is installed through ``NEXUSQUANT_EVICTION``, that variable.
+  :func:`kv_transfer_config`), or, when the connector is installed through the plugin configuration's ``eviction``
+  (``NEXUSQUANT_EVICTION``; see ``nexusquant_vllm.config``), that value.
 * **Per request**: ``SamplingParams(extra_args={"nq_eviction": ...})``, or over the OpenAI API
   ``"vllm_xargs": {"nq_eviction": ...}``. A preset (``lossless``, ``conservative``, ``balanced``, ``aggressive``) or
   a number in [0, 1). Optional ``nq_eviction_protect``: a list of ``[start, end)`` token ranges always kept.
@@ -14,14 +15,12 @@
   tokens is not evicted (nothing of them is computed, so nothing is scored).
 
 Invalid per-request values are refused where the request is built (``SamplingParams`` construction, so an HTTP
-request gets a 400 naming ``nq_eviction``) by :func:`install_request_validation`; the engine core, which must never
+request gets a 400 naming ``nq_eviction``) by :func:`validate_extra_arg` (installed by the plugin); the engine core, which must never
 crash on one request, treats a value that still slips through as "no eviction" and logs it.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import Any
 
 from nexusquant_vllm.eviction import EvictionPolicy, parse_rate
@@ -30,7 +29,6 @@ EXTRA_ARG = "nq_eviction"
 PROTECT_ARG = "nq_eviction_protect"
 AT_ARG = "nq_eviction_at"
 ARG_PREFIX = "nq_"  # every per-request argument of nexusquant starts with it
-ENV = "NEXUSQUANT_EVICTION"
 CONNECTOR_NAME = "NQEvictionConnector"
 CONNECTOR_MODULE = "nexusquant_vllm.vllm_glue.eviction.connector"
 # kv_connector_extra_config keys (all optional)
@@ -50,18 +48,14 @@ def kv_transfer_config(default: object = "lossless", **extra: Any) -> dict:
     }
 
 
-def configure_engine_args(engine_args) -> None:
-    """``NEXUSQUANT_EVICTION=<rate>`` installs the connector with that server default (unless the user already
-    configured a KV connector). Called before the engine config is built."""
-    value = os.environ.get(ENV, "").strip()
-    if not value:
-        return
-    parse_rate(value, ENV)
+def configure_engine_args(engine_args, default: str) -> None:
+    """Install the connector with the server default ``default`` (the configuration's ``eviction``), unless the
+    user already configured a KV connector. Called before the engine config is built."""
     if getattr(engine_args, "kv_transfer_config", None) is not None:
         return
     from vllm.config import KVTransferConfig
 
-    engine_args.kv_transfer_config = KVTransferConfig(**kv_transfer_config(value))
+    engine_args.kv_transfer_config = KVTransferConfig(**kv_transfer_config(default))
 
 
 def validate_extra_arg(key: object, value: object) -> None:
@@ -144,33 +138,3 @@ def request_policy(default: EvictionPolicy, extra_args: dict | None) -> Eviction
         rate=rate, min_prompt_tokens=default.min_prompt_tokens, recent_tokens=default.recent_tokens,
         sink_blocks=default.sink_blocks, protected=protected,
     )
-
-
-_VALIDATION_INSTALLED = "_nexusquant_eviction_validation"
-
-
-def install_request_validation() -> None:
-    """Validate ``nq_eviction`` whenever vLLM validates ``SamplingParams.extra_args`` (at construction, in the
-    process that builds the request): ``LLM.generate`` raises ``ValueError``; the OpenAI server answers 400.
-
-    A patch of ``SamplingParams._verify_extra_args`` (vllm/sampling_params.py:746 in 0.32), which vLLM calls from
-    ``_verify_args`` whenever ``extra_args`` is set. Idempotent.
-    """
-    from vllm.exceptions import VLLMValidationError
-    from vllm.sampling_params import SamplingParams
-
-    original = SamplingParams._verify_extra_args
-    if getattr(original, _VALIDATION_INSTALLED, False):
-        return
-
-    @functools.wraps(original)
-    def _verify_extra_args(self) -> None:
-        original(self)
-        for key, value in (self.extra_args or {}).items():
-            try:
-                validate_extra_arg(key, value)
-            except ValueError as e:
-                raise VLLMValidationError(str(e), parameter=key, value=value) from None
-
-    setattr(_verify_extra_args, _VALIDATION_INSTALLED, True)
-    SamplingParams._verify_extra_args = _verify_extra_args

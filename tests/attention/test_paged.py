@@ -1,19 +1,25 @@
-"""The backend's vectorized torch attention against a naive per-request reference (no engine, fast)."""
+"""The one torch paged attention (``attention/paged.py``) against a naive per-request reference (no engine, fast)."""
 
 import pytest
 import torch
 
-from nexusquant_vllm.vllm_glue.paged_attention import NULL_BLOCK_ID, attend, plan_groups
+from nexusquant_vllm.attention.pages import DensePages
+from nexusquant_vllm.attention.paged import NULL_BLOCK_ID, attend, plan_groups
 
 H_KV, G, D, BS = 2, 3, 16, 4
 
 
 def _reference(q, k_ctx, v_ctx, k_new, v_new, ctx_keep, scale):
-    """One request: q [Q, Hq, D]; context [L, Hk, D] with keep-mask [L]; new tokens [Q, Hk, D], causal."""
+    """One request: q [Q, Hq, D]; context [L, Hk, D] with keep-mask [L]; new tokens [Q, Hk, D], causal (None: the
+    context alone; nothing to attend to gives zeros)."""
     outs = []
     for i in range(q.shape[0]):
-        k = torch.cat([k_ctx[ctx_keep], k_new[: i + 1]])
-        v = torch.cat([v_ctx[ctx_keep], v_new[: i + 1]])
+        k, v = k_ctx[ctx_keep], v_ctx[ctx_keep]
+        if k_new is not None:
+            k, v = torch.cat([k, k_new[: i + 1]]), torch.cat([v, v_new[: i + 1]])
+        if k.shape[0] == 0:
+            outs.append(torch.zeros_like(q[i]))
+            continue
         k = k.repeat_interleave(G, dim=1)  # [L, Hq, D]
         v = v.repeat_interleave(G, dim=1)
         s = torch.einsum("hd,lhd->hl", q[i], k) * scale
@@ -21,8 +27,9 @@ def _reference(q, k_ctx, v_ctx, k_new, v_new, ctx_keep, scale):
     return torch.stack(outs)
 
 
+@pytest.mark.parametrize("raw_tokens", [True, False], ids=["with-raw-kv", "context-only"])
 @pytest.mark.parametrize("q_lens,cached_lens", [([1, 1, 1], [5, 0, 9]), ([3, 1, 6, 2], [0, 7, 4, 10])])
-def test_attend_matches_reference_with_null_block_holes(q_lens, cached_lens):
+def test_attend_matches_reference_with_null_block_holes(q_lens, cached_lens, raw_tokens):
     torch.manual_seed(0)
     num_blocks = 40
     pages = torch.randn(num_blocks, H_KV, BS, 2 * D)
@@ -40,17 +47,16 @@ def test_attend_matches_reference_with_null_block_holes(q_lens, cached_lens):
     value = torch.randn(t, H_KV, D)
     scale = D**-0.5
 
-    def read_pages(ids):
-        p = pages.transpose(0, 1)[:, ids]
-        return p[..., :D], p[..., D:]
-
+    if not raw_tokens:
+        key = value = None
     out = torch.full((t, H_KV * G, D), float("nan"))
-    attend(query, key, value, plan_groups(qsl, seq_lens, block_table, BS), read_pages, scale, out)
+    attend(query, key, value, plan_groups(qsl, seq_lens, block_table, BS), DensePages(D).reader(pages), scale, out)
 
     for r, (c, ql) in enumerate(zip(cached_lens, q_lens)):
         s, e = int(qsl[r]), int(qsl[r + 1])
         n_blk = (c + BS - 1) // BS
         ctx = pages[block_table[r, :n_blk]].permute(0, 2, 1, 3).reshape(-1, H_KV, 2 * D)[:c]
         keep = (block_table[r, :n_blk] != NULL_BLOCK_ID).repeat_interleave(BS)[:c]
-        ref = _reference(query[s:e], ctx[..., :D], ctx[..., D:], key[s:e], value[s:e], keep, scale)
+        new = (key[s:e], value[s:e]) if raw_tokens else (None, None)
+        ref = _reference(query[s:e], ctx[..., :D], ctx[..., D:], *new, keep, scale)
         torch.testing.assert_close(out[s:e], ref, atol=1e-5, rtol=1e-5)

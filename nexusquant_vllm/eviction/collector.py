@@ -1,37 +1,38 @@
-"""Worker side: token-importance scores collected inside attention, during the step that finishes a prompt.
+"""Token-importance scores collected inside attention, during the step that finishes a prompt.
 
-The eviction connector's worker half (``connector.py``) calls :meth:`ScoreCollector.plan_step` once per step with
-the requests whose prompt prefill completes in that step; the attention backend then calls :func:`observe` in every
-layer (E8 and protected boundary layers alike) with that step's queries, keys and values, in the same domain as the
-pages its ``read_pages`` returns. For each planned request, in each layer:
+A :class:`ScoreCollector` is a :class:`nexusquant_vllm.attention.LayerObserver`: the eviction connector's worker
+half hands it to every attention layer, calls :meth:`ScoreCollector.plan_step` once per step with the requests whose
+prompt prefill completes in that step, and the backend then calls :meth:`ScoreCollector.observe` in every layer
+(E8 and protected layers alike) with that step's queries, keys and values in the model's domain. For each planned
+request, in each layer:
 
-* the last ``window`` prompt queries (those in this step) are scored against all its prompt keys (earlier chunks read
-  back from the paged cache, this chunk raw) with :class:`nexusquant_vllm.eviction.WindowAttentionScorer`; the sum over
-  layers goes to the scheduler, which picks the blocks to free;
-* when the model's RoPE is known (``rope``), per-KV-head compaction scores
-  (:func:`nexusquant_vllm.eviction.compaction.compaction_scores`: the expected attention of future queries modelled
-  from the last ``expected_window`` prompt queries, plus the same window attention in runs of tokens) are kept on
-  the worker with the layer's cache until the scheduler's decision arrives; :meth:`ScoreCollector.compact` then fills
-  each layer's kept blocks with that layer's and head's best tokens
+* the last ``block_scorer.window`` prompt queries (those in this step) are scored against all its prompt keys
+  (earlier chunks read back from the paged cache, this chunk raw); the ``block_scorer`` reduces them to one score
+  per token, summed over layers and handed to the scheduler, which picks the blocks to free;
+* when a ``head_scorer`` is set (the connector sets :class:`ExpectedAttentionHeads` once the model's RoPE is
+  known), per-KV-head compaction scores are kept with the layer's cache until the scheduler's decision arrives;
+  :meth:`ScoreCollector.compact` then fills each layer's kept blocks with that layer's and head's best tokens
   (:func:`nexusquant_vllm.eviction.compaction.compact_blocks`).
 
-No extra forward pass. Cost: per layer, once per request, one ``[window x prompt]`` score matrix, one expected-logit
-pass over the prompt's keys and a re-read of the earlier prompt chunks' pages when the prefill was chunked.
+Both scorers are small objects in the style of kvpress's presses: a study's scorer plugs in without touching the
+connector. No extra forward pass. Cost: per layer, once per request, one ``[window x prompt]`` score matrix, one
+expected-logit pass over the prompt's keys and a re-read of the earlier prompt chunks' pages when the prefill was
+chunked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import torch
 
-from nexusquant_vllm.eviction import WindowAttentionScorer
+from nexusquant_vllm.attention.observer import LayerStep
 from nexusquant_vllm.eviction.compaction import compact_blocks, compaction_scores
 from nexusquant_vllm.eviction.expected import WINDOW as EXPECTED_WINDOW
 from nexusquant_vllm.eviction.expected import Rope, expected_scores
-from nexusquant_vllm.eviction.scorers import window_attention
-from nexusquant_vllm.vllm_glue.paged_attention import PageReader
+from nexusquant_vllm.eviction.scorers import WindowAttentionScorer, window_attention
 
 
 @dataclass
@@ -44,20 +45,40 @@ class ScoredRequest:
     num_prompt: int
     block_ids: list[int]  # physical blocks of the request (group 0), for the cached part
     block_size: int
-    heads: str = "mean"  # the scorer's head reduction for this request's eviction rate
+    heads: str = "mean"  # the block scorer's head reduction for this request's eviction rate
 
 
 @dataclass
-class LayerStep:
-    """One attention layer's tensors of a step, as the backend hands them to :func:`observe`."""
+class PromptLayer:
+    """What a scorer sees of one request in one layer (float32, model domain)."""
 
-    query: torch.Tensor  # [T, Hq, D] this step's tokens, in the pages' domain
-    key: torch.Tensor  # [T, Hk, D]
-    value: torch.Tensor  # [T, Hk, D]
-    read_pages: PageReader  # ids -> head-major [Hk, n, block_size, D] K and V of cached blocks
+    queries: torch.Tensor  # [Hq, new, D] the prompt queries of this step (the last ``new`` of the prompt)
+    keys: torch.Tensor  # [Hk, P, D] every prompt key
+    values: torch.Tensor  # [Hk, P, D]
+    attention: torch.Tensor  # [Hq, P] the window attention of the prompt's last queries
     scale: float
-    kv_cache: torch.Tensor  # the layer's paged cache [num_blocks, Hk, block_size, width], rewritten by compact()
-    to_model: Callable[[torch.Tensor], torch.Tensor]  # pages' domain -> the model's post-RoPE frame (last dim)
+
+
+class HeadScorer(Protocol):
+    def __call__(self, layer: PromptLayer) -> torch.Tensor:
+        """Per-KV-head token scores ``[Hk, P]`` that the compaction keeps the best of."""
+
+
+@dataclass(frozen=True)
+class ExpectedAttentionHeads:
+    """kvpress's ExpectedAttention statistics of the last ``window`` prompt queries plus the window attention in
+    runs (:func:`nexusquant_vllm.eviction.compaction.compaction_scores`)."""
+
+    rope: Rope
+    window: int = EXPECTED_WINDOW
+
+    def __call__(self, layer: PromptLayer) -> torch.Tensor:
+        new, num_prompt = layer.queries.shape[1], layer.keys.shape[1]
+        window = min(self.window, new)
+        positions = torch.arange(num_prompt - window, num_prompt, device=layer.queries.device)
+        expected = expected_scores(layer.queries[:, new - window :], positions, layer.keys, layer.values,
+                                   layer.scale, self.rope)
+        return compaction_scores(expected, layer.attention)
 
 
 @dataclass
@@ -65,13 +86,16 @@ class ScoreCollector:
     """Per-step plan, the per-request block-choice score sums (float32 ``[num_prompt]``) handed to the connector,
     and the per-layer, per-KV-head compaction scores kept until the scheduler's decision."""
 
-    scorer: WindowAttentionScorer
-    rope: Rope | None = None  # set once the model is loaded; None: no compaction
-    expected_window: int = EXPECTED_WINDOW
+    block_scorer: WindowAttentionScorer
+    head_scorer: HeadScorer | None = None  # None: no compaction
     plan: list[ScoredRequest] = field(default_factory=list)
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
     compactions: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # per layer:
     # (kv_cache, compaction scores [Hk, P]), kept until the scheduler's decision
+
+    @property
+    def active(self) -> bool:
+        return bool(self.plan)
 
     def plan_step(self, plan: list[ScoredRequest]) -> None:
         self.plan = plan
@@ -83,15 +107,11 @@ class ScoreCollector:
             queries = step.query[req.token_start : req.token_start + new].float().transpose(0, 1)  # [Hq, new, D]
             keys, values = self._prompt_kv(req, step)
             attention = self._window_attention(req, queries, keys, step.scale)  # [Hq, P]
-            block_scores = replace(self.scorer, heads=req.heads).reduce(attention, req.block_size)
+            block_scores = replace(self.block_scorer, heads=req.heads).reduce(attention, req.block_size)
             total = self.scores.get(req.req_id)
             self.scores[req.req_id] = block_scores if total is None else total + block_scores
-            if self.rope is not None:
-                window = min(self.expected_window, new)
-                positions = torch.arange(req.num_prompt - window, req.num_prompt, device=queries.device)
-                expected = expected_scores(step.to_model(queries[:, new - window :]), positions,
-                                           step.to_model(keys), values, step.scale, self.rope)
-                per_head = compaction_scores(expected, attention)
+            if self.head_scorer is not None:
+                per_head = self.head_scorer(PromptLayer(queries, keys, values, attention, step.scale))
                 self.compactions.setdefault(req.req_id, []).append((step.kv_cache, per_head))
 
     def _prompt_kv(self, req: ScoredRequest, step: LayerStep) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,9 +126,9 @@ class ScoreCollector:
 
     def _window_attention(self, req: ScoredRequest, queries: torch.Tensor, keys: torch.Tensor,
                           scale: float) -> torch.Tensor:
-        """Window attention of the last ``scorer.window`` prompt queries, all of them in this step."""
+        """Window attention of the last ``block_scorer.window`` prompt queries, all of them in this step."""
         new = queries.shape[1]
-        window = min(self.scorer.window, new)
+        window = min(self.block_scorer.window, new)
         padded = queries.new_zeros(queries.shape[0], req.num_prompt, queries.shape[2])
         padded[:, req.num_prompt - window :] = queries[:, new - window :]
         return window_attention(padded, keys, scale, window)
@@ -137,23 +157,3 @@ class ScoreCollector:
     def take(self) -> dict[str, torch.Tensor]:
         scores, self.scores, self.plan = self.scores, {}, []
         return scores
-
-
-_COLLECTOR: ScoreCollector | None = None
-
-
-def install(collector: ScoreCollector | None) -> None:
-    """Set by the eviction connector's worker half; ``None`` turns collection off."""
-    global _COLLECTOR
-    _COLLECTOR = collector
-
-
-def collecting() -> bool:
-    """True in a step where some request's prompt prefill completes and it asked for eviction (cheap check)."""
-    return _COLLECTOR is not None and bool(_COLLECTOR.plan)
-
-
-def observe(step: LayerStep) -> None:
-    """The attention backend's hook (see the module docstring); call it only when :func:`collecting` is True."""
-    if _COLLECTOR is not None and _COLLECTOR.plan:
-        _COLLECTOR.observe(step)

@@ -1,11 +1,13 @@
 """Vectorized torch attention over a paged KV cache plus the current step's raw K/V.
 
-No vLLM import: this is the CPU reference path of the backend (and the fallback anywhere without a kernel).
+No vLLM import. The one torch implementation of paged attention: the torch path's attention, the native CPU path's
+prefill rows and the reference of the Triton kernels (``kernels/reference.py``).
 
 Every query token of a request attends to
   * the request's *cached* context, positions ``[0, cached_len)``, read from its pages through a ``read_pages``
     callback (E8 pages are dequantized there; only the blocks a request uses are read), and
-  * the raw (never quantized) K/V of the tokens scheduled in this step, causally.
+  * the raw (never quantized) K/V of the tokens scheduled in this step, causally (unless ``key`` is None: then
+    each query attends to its cached context only, as a decode kernel called without the current token's K/V).
 
 Positions that live in vLLM's null block (block id 0, where eviction leaves holes) are masked with -inf, in every
 layer. Requests are batched in at most two groups (single-token "decode" rows and multi-token "prefill" rows), each
@@ -100,8 +102,8 @@ def _plan_group(start, q_len, cached, block_table, block_size, device) -> Reques
 
 def attend(
     query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
+    key: torch.Tensor | None,
+    value: torch.Tensor | None,
     groups: list[RequestGroup],
     read_pages: PageReader,
     scale: float,
@@ -110,7 +112,8 @@ def attend(
     """Attention for every token of the batch; writes ``out`` [T, Hq, D] and returns it.
 
     ``query`` [T, Hq, D], ``key``/``value`` [T, Hk, D]: this step's raw tokens, in the same domain as the pages that
-    ``read_pages`` returns (callers rotate both for E8 pages). ``read_pages(ids)`` returns head-major
+    ``read_pages`` returns (callers rotate both for E8 pages); ``key`` None: no raw tokens, each query attends to
+    its cached context only (a row with nothing to attend to gets zeros). ``read_pages(ids)`` returns head-major
     ``[Hk, n, block_size, D]`` K and V. Computed in float32.
 
     Layout: head-major ``[Hk, R, ...]`` throughout, so that gathered pages are used as they come (no transpose
@@ -118,36 +121,49 @@ def attend(
     The cached context and the raw new tokens are two blocks of one softmax (no concatenation of K/V).
     """
     num_heads, head_dim = query.shape[1], query.shape[2]
-    num_kv_heads = key.shape[1]
-    g = num_heads // num_kv_heads
     for grp in groups:
         r, q_max = grp.token_idx.shape
         valid = grp.token_valid
+        context = _gather_context(grp, read_pages) if grp.num_ctx_blocks > 0 else None  # [Hk, R, L, D] each
+        if key is None and context is None:
+            out[grp.token_idx[valid]] = 0
+            continue
+        num_kv_heads = key.shape[1] if key is not None else context[0].shape[0]
+        g = num_heads // num_kv_heads
         # [R, Qmax, Hk, g, D] -> [Hk, R, g*Qmax, D]; row index = gi * Qmax + i
         q = (query[grp.token_idx].float() * scale).view(r, q_max, num_kv_heads, g, head_dim)
         q = q.permute(2, 0, 3, 1, 4).reshape(num_kv_heads, r, g * q_max, head_dim)
-        k_new = key[grp.token_idx].float().permute(2, 0, 1, 3)  # [Hk, R, Qmax, D]
-        v_new = value[grp.token_idx].float().permute(2, 0, 1, 3)
-        causal = grp.mask[:, 0, :, -q_max:]  # [R, Qmax(query), Qmax(key)]
-        causal = causal.unsqueeze(1).expand(r, g, q_max, q_max).reshape(r, g * q_max, q_max)
-        s_new = torch.matmul(q, k_new.transpose(-1, -2)).masked_fill_(~causal, float("-inf"))
-        if grp.num_ctx_blocks > 0:
-            k_ctx, v_ctx = _gather_context(grp, read_pages, num_kv_heads, head_dim)  # [Hk, R, L, D]
-            ctx_len = k_ctx.shape[2]
-            ctx_mask = grp.mask[:, 0, :, :ctx_len]  # [R, Qmax, L]
-            ctx_mask = ctx_mask.unsqueeze(1).expand(r, g, q_max, ctx_len).reshape(r, g * q_max, ctx_len)
-            s_ctx = torch.matmul(q, k_ctx.transpose(-1, -2)).masked_fill_(~ctx_mask, float("-inf"))
-            p = torch.softmax(torch.cat([s_ctx, s_new], dim=-1), dim=-1)
-            o = torch.matmul(p[..., :ctx_len], v_ctx) + torch.matmul(p[..., ctx_len:], v_new)
-        else:
-            o = torch.matmul(torch.softmax(s_new, dim=-1), v_new)
+        scores, values = [], []
+        if context is not None:
+            k_ctx, v_ctx = context
+            ctx_mask = grp.mask[:, 0, :, : k_ctx.shape[2]]  # [R, Qmax, L]
+            scores.append(torch.matmul(q, k_ctx.transpose(-1, -2)).masked_fill_(~_fold(ctx_mask, g), float("-inf")))
+            values.append(v_ctx)
+        if key is not None:
+            k_new = key[grp.token_idx].float().permute(2, 0, 1, 3)  # [Hk, R, Qmax, D]
+            causal = grp.mask[:, 0, :, -q_max:]  # [R, Qmax(query), Qmax(key)]
+            scores.append(torch.matmul(q, k_new.transpose(-1, -2)).masked_fill_(~_fold(causal, g), float("-inf")))
+            values.append(value[grp.token_idx].float().permute(2, 0, 1, 3))
+        p = torch.softmax(torch.cat(scores, dim=-1) if len(scores) > 1 else scores[0], dim=-1)
+        if key is None:
+            p = p.nan_to_num_(0.0)  # a row whose context is all holes
+        o, start = None, 0
+        for v in values:
+            part = torch.matmul(p[..., start : start + v.shape[2]], v)
+            o, start = part if o is None else o + part, start + v.shape[2]
         # [Hk, R, g*Qmax, D] -> [R, Qmax, Hk, g, D] -> [R, Qmax, Hq, D]
         o = o.view(num_kv_heads, r, g, q_max, head_dim).permute(1, 3, 0, 2, 4).reshape(r, q_max, num_heads, head_dim)
         out[grp.token_idx[valid]] = o[valid].to(out.dtype)
     return out
 
 
-def _gather_context(grp: RequestGroup, read_pages: PageReader, num_kv_heads: int, head_dim: int):
+def _fold(mask: torch.Tensor, g: int) -> torch.Tensor:
+    """``[R, Qmax, L]`` -> ``[R, g*Qmax, L]``: the same mask for each of the g query heads of a KV head."""
+    r, q_max, length = mask.shape
+    return mask.unsqueeze(1).expand(r, g, q_max, length).reshape(r, g * q_max, length)
+
+
+def _gather_context(grp: RequestGroup, read_pages: PageReader) -> tuple[torch.Tensor, torch.Tensor]:
     """Head-major ``[Hk, R, Bmax*block_size, D]`` K and V of the cached context, float32.
 
     Only the blocks in use are read; the others stay zero and are masked. No page holds non-finite values: vLLM
@@ -155,7 +171,7 @@ def _gather_context(grp: RequestGroup, read_pages: PageReader, num_kv_heads: int
     """
     r, b_max = grp.block_ids.shape
     k_pages, v_pages = read_pages(grp.block_ids[grp.block_used])  # [Hk, n, bs, D]
-    block_size = k_pages.shape[2]
+    num_kv_heads, _, block_size, head_dim = k_pages.shape
     k_pages, v_pages = k_pages.float(), v_pages.float()
     if grp.all_blocks_used:
         k, v = k_pages, v_pages

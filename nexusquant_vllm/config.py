@@ -1,0 +1,123 @@
+"""The plugin's configuration: one typed, validated object, read once.
+
+Where it comes from, in order of precedence:
+
+1. ``additional_config={"nexusquant": {...}}`` of vLLM (``LLM(..., additional_config=...)`` or
+   ``vllm serve --additional-config '{"nexusquant": {...}}'``);
+2. the environment variables below, in the process that builds the engine config;
+3. the defaults.
+
+The glue resolves it once, when the engine config is built, and writes the result back into
+``additional_config["nexusquant"]``, so every worker process reads the same values from vLLM's config. This module
+and ``model_store`` are the only readers of ``os.environ`` in the package.
+
+=========================  ===============================  ==========================================================
+field                      environment variable             values
+=========================  ===============================  ==========================================================
+``attention``              ``NEXUSQUANT_ATTENTION``         ``auto`` (Triton on CUDA, native kernels on CPU, torch
+                                                            elsewhere), ``torch``, ``native`` (CPU), ``triton`` (CUDA,
+                                                            or the CPU under ``TRITON_INTERPRET=1``: tests only)
+``protect_layers``         ``NEXUSQUANT_PROTECT_LAYERS``    layers kept in the model dtype: ``N`` (first N and last N,
+                                                            default 2), ``none``, or indices ``0,1,29`` (one comma at
+                                                            least: ``5,``)
+``eviction``               ``NEXUSQUANT_EVICTION``          install the eviction connector with this server default
+                                                            (a preset or a rate); empty: not installed
+``bench_scalar``           ``NEXUSQUANT_BENCH_SCALAR``      ``1``: also serve the ``scalar-*`` baseline dtypes
+                                                            (benchmarks only; read at plugin registration, since the
+                                                            dtype names must exist before any config)
+=========================  ===============================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+
+ATTENTION_CHOICES = ("auto", "torch", "native", "triton")
+ADDITIONAL_CONFIG_KEY = "nexusquant"
+ENV_VARS = {
+    "attention": "NEXUSQUANT_ATTENTION",
+    "protect_layers": "NEXUSQUANT_PROTECT_LAYERS",
+    "eviction": "NEXUSQUANT_EVICTION",
+    "bench_scalar": "NEXUSQUANT_BENCH_SCALAR",
+}
+
+
+@dataclass(frozen=True)
+class NexusQuantConfig:
+    """See the module docstring. Invalid values raise ``ValueError`` naming the field and its source."""
+
+    attention: str = "auto"
+    protect_layers: str = "2"
+    eviction: str = ""
+    bench_scalar: bool = False
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"nexusquant attention={self.attention!r}: expected one of {', '.join(ATTENTION_CHOICES)}")
+        if not isinstance(self.bench_scalar, bool):
+            raise ValueError(f"nexusquant bench_scalar must be true or false, got {self.bench_scalar!r}")
+        parse_protect_layers(self.protect_layers, num_layers=None)
+        if self.eviction:
+            from nexusquant_vllm.eviction import parse_rate
+
+            parse_rate(self.eviction, ENV_VARS["eviction"])
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> NexusQuantConfig:
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for name, var in ENV_VARS.items():
+            raw = environ.get(var, "").strip()
+            if raw:
+                values[name] = raw.lower() not in ("0", "false", "no") if name == "bench_scalar" else raw
+        try:
+            return cls(**values)
+        except ValueError as e:
+            raise ValueError(f"{e} (from the environment: {', '.join(ENV_VARS.values())})") from None
+
+    def merged(self, overrides: Mapping[str, object] | None) -> NexusQuantConfig:
+        """These values with ``overrides`` (``additional_config["nexusquant"]``) on top; unknown keys are errors."""
+        overrides = dict(overrides or {})
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown additional_config.{ADDITIONAL_CONFIG_KEY} keys {unknown}; known: {sorted(known)}")
+        overrides = {k: str(v) if k in ("protect_layers", "eviction") else v for k, v in overrides.items()}
+        return NexusQuantConfig(**{**asdict(self), **overrides})
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def parse_protect_layers(spec: str, num_layers: int | None) -> list[int]:
+    """Layer indices kept in the model dtype for a ``protect_layers`` value (see the module docstring); with
+    ``num_layers`` None only the syntax is checked."""
+    spec = spec.strip().lower()
+    if spec in ("", "none", "0"):
+        return []
+    try:
+        if "," in spec:
+            layers = sorted({int(x) for x in spec.split(",") if x.strip()})
+            bad = [i for i in layers if i < 0 or (num_layers is not None and i >= num_layers)]
+            if bad:
+                raise ValueError(f"layer indices {bad} out of range for a {num_layers}-layer model")
+            return layers
+        n = int(spec)
+    except ValueError as e:
+        raise ValueError(
+            f"{ENV_VARS['protect_layers']}={spec!r}: expected 'none', a count N (first N and last N layers) or a "
+            f"comma-separated list of layer indices ({e})"
+        ) from None
+    if n < 0:
+        raise ValueError(f"{ENV_VARS['protect_layers']}={spec!r}: the count must be >= 0")
+    if num_layers is None:
+        return []
+    n = min(n, num_layers // 2)
+    return sorted(set(range(n)) | set(range(num_layers - n, num_layers)))
+
+
+def triton_interpreter() -> bool:
+    """Whether Triton runs its CPU interpreter (``TRITON_INTERPRET=1``, Triton's own switch)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
