@@ -1,12 +1,9 @@
 """What every benchmark shares: the model, the corpus as token chunks, Q/K/V as attention sees them, result files."""
 
 import functools
-import json
 import math
-import os
 import random
 from collections.abc import Sequence
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -16,14 +13,19 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from benchmarks.corpus import load_corpus_text
+from benchmarks.results_io import RESULTS_DIR, write_results
 from nexusquant_vllm.model_store import smollm2_path
 
 __all__ = [
-    "QKV", "capture_qkv", "corpus_token_chunks", "load_corpus_text", "paired_delta", "shutdown_llm", "smollm2_path",
+    "QKV", "RESULTS_DIR", "capture_qkv", "corpus_token_chunks", "load_corpus_text", "paired_delta", "shutdown_llm", "smollm2_path",
     "write_results",
 ]
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The eviction benchmarks (eviction.py, eviction_capacity.py): vLLM block size, eviction rates, and the plugin
+# configuration that keeps all 30 of SmolLM2's layers in bf16 (the "bf16" cache: first 15 + last 15 protected)
+EVICTION_BLOCK_SIZE = 32
+EVICTION_RATES = (0.0, 0.35, 0.6, 0.8)
+ALL_LAYERS_BF16 = {"nexusquant": {"protect_layers": "15"}}
 CAPTURE_ATTENTION = "nexusquant_capture"
 
 
@@ -89,23 +91,6 @@ def recording_sdpa(
     """transformers' sdpa attention, after keeping its inputs on the attention module as `captured_qkv`."""
     module.captured_qkv = (query, key, value)
     return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
-
-
-def write_results(name: str, payload: dict, markdown_table: str) -> tuple[Path, Path]:
-    """Write `results/<name>.json` and `results/<name>.md` beside this file, each replaced in one rename."""
-    RESULTS_DIR.mkdir(exist_ok=True)
-    json_path = RESULTS_DIR / f"{name}.json"
-    markdown_path = RESULTS_DIR / f"{name}.md"
-    replace_file(json_path, json.dumps(payload, indent=2) + "\n")
-    replace_file(markdown_path, markdown_table.rstrip("\n") + "\n")
-    return json_path, markdown_path
-
-
-def replace_file(path: Path, text: str) -> None:
-    """Write through `<path>.tmp` so a reader never sees half a file."""
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_text(text)
-    os.replace(staging, path)
 
 
 def shutdown_llm(llm) -> None:

@@ -43,10 +43,11 @@ import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-BLOCK_SIZE = 32
+from benchmarks.common import ALL_LAYERS_BF16  # noqa: E402
+from benchmarks.common import EVICTION_BLOCK_SIZE as BLOCK_SIZE  # noqa: E402
+from benchmarks.common import EVICTION_RATES as RATES  # noqa: E402
+
 PREFILL_CHUNK = 256  # max_num_batched_tokens: every prefix length must be a multiple
-RATES = (0.0, 0.35, 0.6, 0.8)
-PROTECT_ALL = "15"  # first 15 + last 15 of SmolLM2's 30 layers: the whole cache in bf16
 QUALITY, KVPRESS, CAPACITY = "eviction_quality", "eviction_kvpress", "eviction_capacity"
 
 
@@ -101,12 +102,9 @@ def start_engine(dtype: str, max_model_len: int, compaction: bool = True):
     from benchmarks.common import smollm2_path
     from nexusquant_vllm.vllm_glue.eviction import kv_transfer_config
 
-    if dtype == "bf16":
-        os.environ["NEXUSQUANT_PROTECT_LAYERS"] = PROTECT_ALL
-    else:
-        os.environ.pop("NEXUSQUANT_PROTECT_LAYERS", None)
     return LLM(
         model=str(smollm2_path()), kv_cache_dtype="e8-k3v2", max_model_len=max_model_len, block_size=BLOCK_SIZE,
+        additional_config=ALL_LAYERS_BF16 if dtype == "bf16" else {},
         enforce_eager=True, seed=0, max_num_seqs=1, max_num_batched_tokens=PREFILL_CHUNK, enable_chunked_prefill=True,
         enable_prefix_caching=False,
         kv_transfer_config=kv_transfer_config("lossless", min_prompt_tokens=256, compaction=compaction),
@@ -242,7 +240,7 @@ def load_results(name: str) -> dict | None:
 
 def report(args) -> None:
     from benchmarks.common import RESULTS_DIR, write_results
-    from benchmarks.eviction_capacity import capacity_table, plot_capacity
+    from benchmarks.eviction_capacity import capacity_table, plot_capacity  # (eviction_capacity imports no eviction)
 
     quality_ = load_results(QUALITY)
     kvpress = load_results(KVPRESS)

@@ -27,7 +27,11 @@ import time
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process: the scheduler is visible
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from benchmarks.eviction import BLOCK_SIZE, CAPACITY, PROTECT_ALL, RATES  # noqa: E402
+from benchmarks.common import ALL_LAYERS_BF16  # noqa: E402
+from benchmarks.common import EVICTION_BLOCK_SIZE as BLOCK_SIZE  # noqa: E402
+from benchmarks.common import EVICTION_RATES as RATES  # noqa: E402
+
+CAPACITY = "eviction_capacity"  # the results name `python -m benchmarks.eviction report` reads
 
 BF16_BYTES_PER_TOKEN = 30 * 3 * 64 * 2 * 2  # SmolLM2-135M: layers x KV heads x head_dim x (K, V) x bf16
 
@@ -38,10 +42,9 @@ def start_engine(dtype: str, args):
     from benchmarks.common import smollm2_path
     from nexusquant_vllm.vllm_glue.eviction import kv_transfer_config
 
-    if dtype == "bf16":
-        os.environ["NEXUSQUANT_PROTECT_LAYERS"] = PROTECT_ALL
     return LLM(
         model=str(smollm2_path()), kv_cache_dtype="e8-k3v2", max_model_len=args.prompt_len + args.new_tokens + 64,
+        additional_config=ALL_LAYERS_BF16 if dtype == "bf16" else {},
         block_size=BLOCK_SIZE, num_gpu_blocks_override=args.blocks, enforce_eager=True, seed=0, max_num_seqs=32,
         max_num_batched_tokens=1024, enable_prefix_caching=False,
         kv_transfer_config=kv_transfer_config("lossless", min_prompt_tokens=256),

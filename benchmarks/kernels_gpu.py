@@ -18,7 +18,6 @@ matplotlib (optional) and this package's kernels and codec: the GPU machine has 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -27,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from benchmarks.results_io import RESULTS_DIR, write_results
+
 HQ, HK, D, PAGE = 32, 8, 128, 16  # Llama-3-8B attention shapes, vLLM's default page
 HIDDEN, FFN = 4096, 14336
 
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-tokens", type=int, default=4096)
     p.add_argument("--prefill-chunks", type=int, nargs="+", default=[256 << i for i in range(5)])  # 256 .. 4096
     p.add_argument("--prefill-contexts", type=int, nargs="+", default=[4096 << i for i in range(4)])  # 4K .. 32K
-    p.add_argument("--out", type=Path, default=RESULTS_DIR / "kernels_gpu")
+    p.add_argument("--name", default="kernels_gpu", help="results/<name>.{json,md,png}")
     p.add_argument("--dry-run", action="store_true", help="tiny case on the CPU under TRITON_INTERPRET=1")
     return p.parse_args(argv)
 
@@ -265,9 +265,7 @@ def _crossover(rows: list[dict]) -> int | None:
     return chunk
 
 
-def write_results(out: Path, result: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+def markdown(result: dict) -> str:
     lines = [f"# Decode attention, Llama-3-8B shapes, one layer ({result['device']})", "",
              f"Copy bandwidth: {result['copy_gbps']:.0f} GB/s", "",
              "| kernel | batch | context | ms | GB/s | of copy bw |", "|---|---|---|---|---|---|"]
@@ -285,8 +283,7 @@ def write_results(out: Path, result: dict) -> None:
     lines += ["", "Prefill crossover (chunk from which dequantize + SDPA is faster; None: fused at every chunk):", ""]
     lines += [f"- {name}: " + ", ".join(f"ctx {ctx}: {chunk}" for ctx, chunk in by_ctx.items())
               for name, by_ctx in result["prefill"]["crossover"].items()]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    _plot(out.with_suffix(".png"), result["decode"])
+    return "\n".join(lines)
 
 
 def _plot(path: Path, rows: list[dict]) -> None:
@@ -318,20 +315,21 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
         args.batch, args.context, args.prefill_tokens, args.hidden, args.ffn = [1], [64], 16, 256, 512
         args.prefill_chunks, args.prefill_contexts = [16], [32]
-        args.out = Path(tempfile.gettempdir()) / "kernels_gpu_dryrun"  # smoke numbers never land in results/
+        args.name, results_dir = "kernels_gpu_dryrun", Path(tempfile.gettempdir())  # never lands in results/
         device = "cpu"
     elif not torch.cuda.is_available():
         print("kernels_gpu.py needs a CUDA GPU (none found); use --dry-run for a CPU smoke test.", file=sys.stderr)
         return 2
     else:
-        device = "cuda"
+        device, results_dir = "cuda", RESULTS_DIR
     copy_bw = copy_bandwidth(device)
     result = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu (TRITON_INTERPRET dry run)",
                   copy_gbps=copy_bw / 1e9, max_rel_error_vs_reference=max_rel_error(args.dtypes, device), shapes=dict(q_heads=HQ, kv_heads=HK, head_dim=D, page=PAGE),
                   decode=decode_cases(args, device, copy_bw), store=store_vs_prefill(args, device),
                   prefill=prefill_cases(args, device))
-    write_results(args.out, result)
-    print(f"wrote {args.out.with_suffix('.json')}, .md, .png")
+    json_path, _ = write_results(args.name, result, markdown(result), results_dir)
+    _plot(json_path.with_suffix(".png"), result["decode"])
+    print(f"wrote {json_path}, .md, .png")
     return 0
 
 

@@ -66,9 +66,8 @@ def test_captured_qkv_is_what_attention_used(smollm2_path: str) -> None:
     torch.testing.assert_close(out.transpose(0, 1).reshape(40, -1), fed_to_o_proj[0][0])
 
 
-def test_write_results_writes_json_and_markdown(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
-    json_path, markdown_path = common.write_results("demo", {"mse": 0.5}, "| a |\n|---|\n| 1 |")
+def test_write_results_writes_json_and_markdown(tmp_path: Path) -> None:
+    json_path, markdown_path = common.write_results("demo", {"mse": 0.5}, "| a |\n|---|\n| 1 |", tmp_path)
     assert json.loads(json_path.read_text()) == {"mse": 0.5}
     assert markdown_path.read_text() == "| a |\n|---|\n| 1 |\n"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["demo.json", "demo.md"]

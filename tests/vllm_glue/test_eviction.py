@@ -137,7 +137,7 @@ def test_free_blocks_rise_by_exactly_the_freed_blocks_and_worker_mirrors(engine)
         outs += [o for o in llm_engine.step() if o.finished]
     assert outs[0].kv_transfer_params["nq_eviction"]["blocks_freed"] == len(event["blocks"])
     assert pool.get_num_free_blocks() == free_start
-    assert worker_connector().collector.rope is not None  # SmolLM2's RoPE was found: the worker compacted
+    assert worker_connector().collector.head_scorer is not None  # SmolLM2's RoPE was found: the worker compacted
     assert worker_connector().collector.compactions == {}  # and dropped the compaction scores
     prom_delta = [a - b for a, b in zip(_prom_totals(), prom_before)]
     assert prom_delta == [event["tokens_evicted"], event["blocks_freed"], 1]

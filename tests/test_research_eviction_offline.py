@@ -1,4 +1,4 @@
-"""benchmarks/eviction_offline.py: --vs-kvpress (the shipped scorer vs kvpress, paired by chunk on the same chunks) and
+"""benchmarks/research/eviction_offline.py: --vs-kvpress (the shipped scorer vs kvpress, paired by chunk on the same chunks) and
 the token-level masks of the tok_* variants."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.eviction_offline import evicted_mask, evicted_tokens_mask, key_of, vs_kvpress
+from benchmarks.research.eviction_offline import evicted_mask, evicted_tokens_mask, key_of, vs_kvpress
 
 CONT = 100
 

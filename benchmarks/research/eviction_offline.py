@@ -1,4 +1,4 @@
-"""Offline simulation of nexusquant's block eviction in HF transformers, to compare token-scoring and block-aggregation
+"""A study (the laboratory, not the product): offline simulation of nexusquant's block eviction in HF transformers, to compare token-scoring and block-aggregation
 variants cheaply before running them through vLLM (benchmarks/eviction.py).
 
 Protocol (the continuation-perplexity protocol of benchmarks/eviction.py, same chunks): for each chunk, the float32
@@ -18,9 +18,10 @@ results/eviction_offline_mix.md is ``compaction``'s earlier name). ``l_*``: per 
 
 Reported per variant and rate: ΔPPL vs rate 0 and the paired ΔPPL vs the ``snapkv`` variant (the scorer shipped
 before this study: window 32, avg-pool 5, mean over heads, sum over layers, block = max token), each with a 95%
-bootstrap CI over chunks (``common.paired_delta``). Writes results/eviction_offline.{json,md}.
+bootstrap CI over chunks (``common.paired_delta``). Writes benchmarks/research/results/eviction_offline.{json,md};
+every results/ path below is that folder, except the vLLM and kvpress runs it reads (benchmarks/results/).
 
-    python -m benchmarks.eviction_offline [--chunks 8] [--prefix-lens 1024] [--rates 0.35,0.6] [--variants a,b]
+    python -m benchmarks.research.eviction_offline [--chunks 8] [--prefix-lens 1024] [--rates 0.35,0.6] [--variants a,b]
         [--block-size 32]
 
 ``--vs-kvpress OURS,KVPRESS`` runs nothing: it reads results/OURS.json (a run of this file, or a one-dtype
@@ -35,14 +36,18 @@ against its own rate-0 run (difference of the two ΔNLLs, bootstrap CI).
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from benchmarks.common import RESULTS_DIR, write_results
 
 from nexusquant_vllm.eviction import EvictionPolicy, WindowAttentionScorer, blocks_to_free, heads_for_rate
 from nexusquant_vllm.eviction.expected import WINDOW as EXPECTED_WINDOW
@@ -51,6 +56,7 @@ from nexusquant_vllm.eviction.expected import Rope, expected_scores
 from nexusquant_vllm.eviction.scorers import pool_positions, window_attention
 
 NAME = "eviction_offline"
+RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK = 32
 ATTENTION = "nexusquant_eviction_sim"
 BASELINE = "snapkv"
@@ -627,9 +633,6 @@ def vllm_as_offline(quality: dict) -> tuple[dict, str]:
 
 
 def compare(names: str, name: str = VS_KVPRESS) -> None:
-    from benchmarks.common import write_results
-    from benchmarks.eviction import load_results
-
     offline_name, kvpress_name = names.split(",")
     results = [load_results(name) for name in (offline_name, kvpress_name)]
     if None in results:
@@ -641,14 +644,22 @@ def compare(names: str, name: str = VS_KVPRESS) -> None:
     rows = vs_kvpress(ours, results[1], variants)
     markdown = (f"Shipped eviction (results/{offline_name}.json: offline replay or vLLM run) "
                 f"vs kvpress (token-level, per head, results/{kvpress_name}.json), same chunks; "
-                f"`python -m benchmarks.eviction_offline --vs-kvpress {names}`\n\n" + vs_kvpress_table(rows))
-    write_results(name, {"offline": offline_name, "kvpress": kvpress_name, "rows": rows}, markdown)
+                f"`python -m benchmarks.research.eviction_offline --vs-kvpress {names}`\n\n" + vs_kvpress_table(rows))
+    write_results(name, {"offline": offline_name, "kvpress": kvpress_name, "rows": rows}, markdown, RESULTS)
     print(markdown)
+
+
+def load_results(name: str) -> dict | None:
+    """``name``'s results from this study's folder, else from the product benchmarks' (vLLM and kvpress runs)."""
+    for folder in (RESULTS, RESULTS_DIR):
+        path = folder / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+    return None
 
 
 def main() -> None:
     global BLOCK
-    from benchmarks.common import write_results
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
@@ -679,14 +690,14 @@ def main() -> None:
     if args.passkey_trials:
         result = passkey(args)
         markdown = passkey_table(result)
-        write_results(args.name, result, markdown)
+        write_results(args.name, result, markdown, RESULTS)
         print(markdown)
         return
     result = run(args)
     rows = rows_of(result)
     markdown = (f"Offline block-eviction simulation (HF float32, {args.chunks} chunks per prefix length, "
-                f"{args.cont_len} scored tokens each; `python -m benchmarks.eviction_offline`)\n\n" + table(rows))
-    write_results(args.name, {**result, "rows": rows}, markdown)
+                f"{args.cont_len} scored tokens each; `python -m benchmarks.research.eviction_offline`)\n\n" + table(rows))
+    write_results(args.name, {**result, "rows": rows}, markdown, RESULTS)
     print(markdown)
 
 
