@@ -17,8 +17,8 @@ from benchmarks.results_io import RESULTS_DIR, write_results
 from nexusquant_vllm.model_store import smollm2_path
 
 __all__ = [
-    "QKV", "RESULTS_DIR", "capture_qkv", "corpus_token_chunks", "load_corpus_text", "paired_delta", "shutdown_llm", "smollm2_path",
-    "write_results",
+    "QKV", "RESULTS_DIR", "capture_qkv", "corpus_token_chunks", "load_corpus_text", "paired_delta", "shutdown_llm",
+    "smollm2_path", "write_results",
 ]
 
 # The eviction benchmarks (eviction.py, eviction_capacity.py): vLLM block size, eviction rates, and the plugin

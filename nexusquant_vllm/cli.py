@@ -51,9 +51,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     """Offline greedy generation through vLLM's public `LLM` API with the chosen KV-cache dtype."""
-    import os
+    from nexusquant_vllm.config import default_vllm_cpu_kv_space
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    default_vllm_cpu_kv_space(2)
     from vllm import LLM, SamplingParams  # imported only here: vLLM is heavy
 
     llm = LLM(

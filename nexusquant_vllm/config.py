@@ -9,7 +9,7 @@ Where it comes from, in order of precedence:
 
 The glue resolves it once, when the engine config is built, and writes the result back into
 ``additional_config["nexusquant"]``, so every worker process reads the same values from vLLM's config. This module
-and ``model_store`` are the only readers of ``os.environ`` in the package.
+and ``model_store`` are the only places in the package that touch ``os.environ``.
 
 =========================  ===============================  ==========================================================
 field                      environment variable             values
@@ -116,6 +116,12 @@ def parse_protect_layers(spec: str, num_layers: int | None) -> list[int]:
         return []
     n = min(n, num_layers // 2)
     return sorted(set(range(n)) | set(range(num_layers - n, num_layers)))
+
+
+def default_vllm_cpu_kv_space(gib: int) -> None:
+    """Set vLLM's ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache on its CPU build) unless the user did, before vLLM is
+    imported: its own default of 4 GiB is more than a small machine running several engines wants."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(gib))
 
 
 def triton_interpreter() -> bool:

@@ -25,7 +25,7 @@ def compaction_scores(expected: torch.Tensor, window_attention: torch.Tensor, ru
 
     The expected attention models the average future query, one token at a time; what only the prompt's end asks
     for (a passkey: several digit tokens and the words around them) must stay together. Measured by
-    ``benchmarks/eviction_offline.py`` (10 passkey prompts, 24 PPL chunks): per-token choice alone recalls 0.6 /
+    ``benchmarks/research/eviction_offline.py`` (10 passkey prompts, 24 PPL chunks): per-token choice alone recalls 0.6 /
     0.3 / 0.0 passkeys at 35 / 60 / 80% eviction (1.0 without eviction), runs of 8 on the window term 1.0 / 1.0 /
     0.9, at +0.73% / +1.88% / +4.43% PPL (per-token: +0.54% / +1.94% / +4.01%; runs of 8 on both terms: +0.92% at
     35%)."""

@@ -6,10 +6,10 @@ the next ``future`` positions. Key ``k`` then gets the expected attention ``exp(
 the prompt), times the norm of its value (renormalised), averaged over the query heads of its GQA group.
 
 kvpress takes the statistics over the whole prompt; here they come from its last ``window`` queries (those of the
-step that completes the prefill), which measured as well: ``benchmarks/eviction_offline.py`` (24 chunks, 1024-token
+step that completes the prefill), which measured as well: ``benchmarks/research/eviction_offline.py`` (24 chunks, 1024-token
 prefixes), tokens chosen per layer and per KV head, gives +0.46% PPL at 35% eviction and +1.91% at 60% from the last
 256 queries (+0.62% / +1.86% from all of them), against +0.93% / +2.63% for the block scorers shared by all layers
-(results/eviction_offline_layerhead3.md).
+(benchmarks/research/results/eviction_offline_layerhead3.md).
 """
 
 from __future__ import annotations

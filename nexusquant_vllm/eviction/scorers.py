@@ -13,7 +13,7 @@ import torch
 
 HEAD_REDUCTIONS = ("mean", "max")
 # From this eviction rate on, blocks are scored by their attention mass in the head that needs them most
-# (``heads="max"``). Measured by benchmarks/eviction_offline.py over 24 chunks: at 60% it beats the head mean by
+# (``heads="max"``). Measured by benchmarks/research/eviction_offline.py over 24 chunks: at 60% it beats the head mean by
 # 1.44% PPL [0.26, 2.87]; at 35% the head mean is better (by 0.18% [-0.14, +0.55]).
 MASS_MAX_MIN_RATE = 0.5
 

@@ -33,13 +33,14 @@ import torch
 import triton
 import triton.language as tl
 
+from nexusquant_vllm.attention.paged import NULL_BLOCK_ID
 from nexusquant_vllm.codec.format import KVFormat
 from nexusquant_vllm.codec.rotation import rotation_matrix
 from nexusquant_vllm.kernels.e8_decode import _decode_unit, _load_fp16_scale, check_paged_inputs
 from nexusquant_vllm.kernels.tables import e8p_packed_table, res8_flat_table, stage2_step
 
 LOG2E = 1.4426950408889634
-NULL_BLOCK_ID = 0
+NULL_BLOCK: tl.constexpr = tl.constexpr(NULL_BLOCK_ID)  # vLLM's null block, as the kernels see it
 MIN_DOT_ROWS = 16  # tl.dot needs M >= 16
 
 
@@ -85,7 +86,7 @@ def _split_kernel(
         pos = t0 + tl.arange(0, BLOCK_N)
         in_seq = pos < end
         block = tl.load(block_table_ptr + seq * stride_bt + pos // PAGE, mask=in_seq, other=0)
-        ok = in_seq & (block != 0)  # block 0 = vLLM's null block: masked, never read
+        ok = in_seq & (block != NULL_BLOCK)  # vLLM's null block: masked, never read
         tok = cache_ptr + block.to(tl.int64) * stride_cb + kvh * stride_ch + (pos % PAGE) * stride_ct
         if KV_BITS == 16:
             k = tl.load(tok[:, None] + dims[None, :], mask=ok[:, None], other=0.0).to(tl.float16)
@@ -223,4 +224,4 @@ def _raw_token_partial(q_rot, k_new, v_new, rot, rotated, scale, group, acc, ml)
     acc.copy_(v.repeat_interleave(group, dim=1))
 
 
-__all__ = ["decode_attention", "default_num_splits", "NULL_BLOCK_ID"]
+__all__ = ["decode_attention", "default_num_splits"]

@@ -37,7 +37,7 @@ import triton.language as tl
 
 from nexusquant_vllm.codec.format import KVFormat
 from nexusquant_vllm.codec.rotation import rotation_matrix
-from nexusquant_vllm.kernels.decode_attention import LOG2E, MIN_DOT_ROWS
+from nexusquant_vllm.kernels.decode_attention import LOG2E, MIN_DOT_ROWS, NULL_BLOCK
 from nexusquant_vllm.kernels.e8_decode import _decode_unit, _load_fp16_scale, check_paged_inputs
 from nexusquant_vllm.kernels.tables import e8p_packed_table, res8_flat_table, stage2_step
 
@@ -108,7 +108,7 @@ def _prefill_kernel(
         pos = t0 + tl.arange(0, BLOCK_N)
         in_ctx = pos < cached_len
         block = tl.load(block_table_ptr + req * stride_bt + pos // PAGE, mask=in_ctx, other=0)
-        ok = in_ctx & (block != 0)  # block 0 = vLLM's null block: masked, never read
+        ok = in_ctx & (block != NULL_BLOCK)  # vLLM's null block: masked, never read
         tok = cache_ptr + block.to(tl.int64) * stride_cb + kvh * stride_ch + (pos % PAGE) * stride_ct
         if KV_BITS == 16:
             k = tl.load(tok[:, None] + dims[None, :], mask=ok[:, None], other=0.0).to(tl.float16)

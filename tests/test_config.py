@@ -1,0 +1,34 @@
+"""The plugin's configuration: environment parsing, additional_config overrides, clear errors."""
+
+import pytest
+
+from nexusquant_vllm.config import NexusQuantConfig
+
+
+def test_defaults_and_environment():
+    assert NexusQuantConfig.from_env({}) == NexusQuantConfig("auto", "2", "", False)
+    config = NexusQuantConfig.from_env({"NEXUSQUANT_ATTENTION": "torch", "NEXUSQUANT_PROTECT_LAYERS": "none",
+                                        "NEXUSQUANT_EVICTION": "balanced", "NEXUSQUANT_BENCH_SCALAR": "1"})
+    assert config == NexusQuantConfig("torch", "none", "balanced", True)
+    assert not NexusQuantConfig.from_env({"NEXUSQUANT_BENCH_SCALAR": "0"}).bench_scalar
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"NEXUSQUANT_ATTENTION": "fastest"}, "attention='fastest': expected one of auto, torch, native, triton"),
+    ({"NEXUSQUANT_PROTECT_LAYERS": "first-two"}, "NEXUSQUANT_PROTECT_LAYERS='first-two'"),
+    ({"NEXUSQUANT_EVICTION": "everything"}, "NEXUSQUANT_EVICTION"),
+])
+def test_a_bad_environment_value_names_its_variable(env, message):
+    with pytest.raises(ValueError, match=message):
+        NexusQuantConfig.from_env(env)
+
+
+def test_additional_config_overrides_the_environment():
+    env = NexusQuantConfig.from_env({"NEXUSQUANT_ATTENTION": "torch", "NEXUSQUANT_PROTECT_LAYERS": "3"})
+    merged = env.merged({"protect_layers": 15, "eviction": 0.35})
+    assert merged == NexusQuantConfig("torch", "15", "0.35", False)
+    assert merged.merged(merged.to_dict()) == merged  # what the workers read back from vLLM's config
+    with pytest.raises(ValueError, match="unknown additional_config.nexusquant keys \\['atention'\\]"):
+        env.merged({"atention": "torch"})
+    with pytest.raises(ValueError, match="bench_scalar must be true or false"):
+        env.merged({"bench_scalar": "yes"})
