@@ -32,3 +32,21 @@ def test_additional_config_overrides_the_environment():
         env.merged({"atention": "torch"})
     with pytest.raises(ValueError, match="bench_scalar must be true or false"):
         env.merged({"bench_scalar": "yes"})
+
+
+def test_resolved_once_into_additional_config_for_every_worker(monkeypatch):
+    from types import SimpleNamespace
+
+    from nexusquant_vllm.vllm_glue.startup import before_engine_config, run_config
+
+    monkeypatch.setenv("NEXUSQUANT_PROTECT_LAYERS", "none")
+    args = SimpleNamespace(kv_cache_dtype="e8-k3v2", kv_transfer_config=None,
+                           additional_config={"nexusquant": {"attention": "torch"}, "other_plugin": 1})
+    before_engine_config(args)
+    assert args.additional_config["nexusquant"] == NexusQuantConfig("torch", "none", "", False).to_dict()
+    assert args.additional_config["other_plugin"] == 1
+    monkeypatch.setenv("NEXUSQUANT_PROTECT_LAYERS", "4")  # a worker reads vLLM's config, not its environment
+    assert run_config(SimpleNamespace(additional_config=args.additional_config)).protect_layers == "none"
+    with pytest.raises(ValueError, match="unknown additional_config.nexusquant keys"):
+        before_engine_config(SimpleNamespace(kv_cache_dtype="e8-k3v2", kv_transfer_config=None,
+                                             additional_config={"nexusquant": {"protect": 3}}))
