@@ -137,8 +137,10 @@ def attend(
         if context is not None:
             k_ctx, v_ctx = context
             ctx_mask = grp.mask[:, 0, :, : k_ctx.shape[2]]  # [R, Qmax, L]
+            # masked by selection (masked_fill), never by a zero weight: a stale slot past a request's context (vLLM
+            # does not clear reused blocks) may hold NaN, and 0 * NaN is NaN
             scores.append(torch.matmul(q, k_ctx.transpose(-1, -2)).masked_fill_(~_fold(ctx_mask, g), float("-inf")))
-            values.append(v_ctx)
+            values.append(v_ctx.masked_fill(~ctx_mask[None, :, 0, :, None], 0.0))
         if key is not None:
             k_new = key[grp.token_idx].float().permute(2, 0, 1, 3)  # [Hk, R, Qmax, D]
             causal = grp.mask[:, 0, :, -q_max:]  # [R, Qmax(query), Qmax(key)]
@@ -166,8 +168,8 @@ def _fold(mask: torch.Tensor, g: int) -> torch.Tensor:
 def _gather_context(grp: RequestGroup, read_pages: PageReader) -> tuple[torch.Tensor, torch.Tensor]:
     """Head-major ``[Hk, R, Bmax*block_size, D]`` K and V of the cached context, float32.
 
-    Only the blocks in use are read; the others stay zero and are masked. No page holds non-finite values: vLLM
-    allocates the cache zeroed and every write went through the codec (which refuses NaN/inf) or is model K/V.
+    Only the blocks in use are read; the others stay zero and are masked. The positions of a used block past the
+    request's context are read as they are (possibly stale, possibly NaN) and masked by the caller.
     """
     r, b_max = grp.block_ids.shape
     k_pages, v_pages = read_pages(grp.block_ids[grp.block_used])  # [Hk, n, bs, D]

@@ -132,3 +132,56 @@ def test_an_explicit_choice_that_cannot_serve_the_layer_is_an_error(device_type,
                                                                      message):
     with pytest.raises(ValueError, match=message):
         build_path(device_type, kind, SCALE, attention, interpreter)
+
+
+def poison_tails(cache: torch.Tensor, kind: LayerKind, seq_lens: torch.Tensor) -> torch.Tensor:
+    """A copy of ``cache`` whose slots past each request's context in its last block, and whose unused blocks, read
+    back as NaN (what a reused block can hold: vLLM does not clear it, and an inf input is stored as a NaN scale)."""
+    poisoned = cache.clone()
+    fmt = kind.pages().fmt
+    used = torch.zeros(NUM_BLOCKS, PAGE, dtype=torch.bool)
+    for req, n in enumerate(seq_lens.tolist()):
+        pos = torch.arange(n)
+        block = TABLE[req, pos // PAGE].long()
+        used[block[block > 0], (pos % PAGE)[block > 0]] = True
+    stale = ~used
+    stale[0] = False  # the null block itself: never read by any path (tested elsewhere)
+    blocks, offsets = stale.nonzero(as_tuple=True)
+    if fmt is None:
+        poisoned[blocks, :, offsets] = float("nan")
+    else:
+        nan = torch.tensor([float("nan")], dtype=torch.float16).view(torch.uint8)  # fp16 NaN, little-endian bytes
+        for offset in (fmt.k_scale_offset, fmt.v_scale_offset):
+            poisoned[blocks, :, offsets, offset : offset + 2] = nan
+    return poisoned
+
+
+@pytest.mark.parametrize("name", ["e8-k3v2", None], ids=["e8-k3v2", "dense"])
+@pytest.mark.parametrize("query_lens", [(1, 1, 1), (1, 5, 3)], ids=["decode", "mixed"])
+@pytest.mark.parametrize("path_name", ["torch", "native-cpu", "triton"])
+def test_stale_nan_slots_past_the_context_are_never_attended(name, query_lens, path_name, request):
+    """Every path masks by selection: NaN in the unused tail of a request's last block (and in unused blocks) leaves
+    the output equal to the one over a clean cache."""
+    if path_name == "native-cpu" and not native.available():
+        pytest.skip("native kernels not built")
+    path_cls, device = {"torch": (TorchPath, "cpu"), "native-cpu": (NativeCpuPath, "cpu")}.get(path_name, (None, None))
+    if path_name == "triton":
+        path_cls, device = TritonPath, request.getfixturevalue("device")
+    gen = torch.Generator().manual_seed(1)
+    kind = LayerKind(name or "e8-k3v2", name is not None, D, HQ, HK)
+    q_lens, cached = torch.tensor(query_lens), torch.tensor([20, 45, 40])
+    seq_lens = cached + q_lens
+    clean = empty_cache(kind, "cpu")
+    TorchPath(kind.pages(), SCALE).store(*(torch.randn(int(cached.sum()), HK, D, generator=gen) for _ in range(2)),
+                                         clean, slots_of(cached))
+    n = int(q_lens.sum())
+    q, k, v = torch.randn(n, HQ, D, generator=gen), *(torch.randn(n, HK, D, generator=gen) for _ in range(2))
+    path = path_cls(kind.pages(), SCALE)
+    outs = []
+    for cache in (clean, poison_tails(clean, kind, cached)):
+        out = torch.zeros(n, HQ, D, device=device)
+        path.attend(q.to(device), k.to(device), v.to(device), cache.to(device),
+                    path_cls.plan(step_batch(q_lens, seq_lens, device)), out)
+        outs.append(out.cpu())
+    assert torch.isfinite(outs[1]).all()
+    torch.testing.assert_close(outs[1], outs[0])
