@@ -19,7 +19,7 @@ from nexusquant_vllm.codec import kv as codec_kv
 from nexusquant_vllm.codec.e8 import e8p_pattern_lookup, e8p_pattern_parity, e8p_patterns, res8_table
 from nexusquant_vllm.codec.format import GROUP, KVFormat, check_bits
 from nexusquant_vllm.codec.quantizer import BEAM, SCALE_C, STAGES
-from nexusquant_vllm.native.library import load, ptr
+from nexusquant_vllm.native.library import check_cpu, check_in_range, check_pages, load, ptr, require
 
 LIBRARY = "_e8_quantize_cpu"
 MAX_HEAD_DIM = 512  # kMaxDim of the C++ code
@@ -109,9 +109,8 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     kernel = _store_kernel()
     if kernel is None:
         raise RuntimeError("the native E8 quantizer is not built; reinstall nexusquant_vllm (pip install -e .)")
+    _check_store(key, value, kv_cache, slot_mapping, fmt)
     n, num_kv_heads, d = key.shape
-    if d > MAX_HEAD_DIM:
-        raise ValueError(f"native store_kv needs head_dim <= {MAX_HEAD_DIM}")
     k, v = (t.to(torch.float32).contiguous() for t in (key, value))
     slots = slot_mapping.to(torch.int64).contiguous()
     item = kv_cache.element_size()
@@ -121,3 +120,17 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     threads = max(1, min(torch.get_num_threads(), rows // _STORE_MIN_ROWS_PER_THREAD))
     kernel(ptr(k), ptr(v), rows, d, num_kv_heads, ptr(slots), ptr(kv_cache), *strides, kv_cache.shape[2],
            *_config(fmt.k_bits), *_config(fmt.v_bits), *tables, threads)
+
+
+def _check_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                 fmt: KVFormat) -> None:
+    check_cpu(key=key, value=value, slot_mapping=slot_mapping)
+    require(key.dim() == 3 and value.shape == key.shape,
+            lambda: f"key and value must both be [n, Hk, D], got {tuple(key.shape)} and {tuple(value.shape)}")
+    n, num_kv_heads, d = key.shape
+    require(d == fmt.head_dim and d <= MAX_HEAD_DIM,
+            lambda: f"head_dim {d} does not match the format's {fmt.head_dim} (at most {MAX_HEAD_DIM})")
+    require(slot_mapping.shape == (n,) and not slot_mapping.is_floating_point(),
+            lambda: f"slot_mapping must be {n} integer slots, got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
+    check_pages(kv_cache, num_kv_heads, fmt.slot_bytes, {torch.uint8})
+    check_in_range(slot_mapping, -1, kv_cache.shape[0] * kv_cache.shape[2], "slot_mapping (-1: padding)")

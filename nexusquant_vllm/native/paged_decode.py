@@ -17,7 +17,7 @@ import torch
 from nexusquant_vllm.codec.e8 import e8p_pattern_parity, e8p_patterns, res8_table
 from nexusquant_vllm.codec.format import KVFormat
 from nexusquant_vllm.codec.quantizer import STAGES
-from nexusquant_vllm.native.library import load, ptr
+from nexusquant_vllm.native.library import check_cpu, check_in_range, check_pages, load, ptr, require
 
 LIBRARY = "_e8_decode_attention_cpu"
 MAX_HEAD_DIM, MAX_GQA = 512, 16  # kMaxDim, kMaxGqa of the C++ code
@@ -80,6 +80,7 @@ def decode_attention(
     model's domain instead and so is the result (the kernel applies the codec's rotation and its inverse, which
     spares the caller three small matmuls per layer). ``fmt`` None: dense pages of ``[K | V]`` rows (``C = 2 * D``,
     float32, float16 or bfloat16)."""
+    _check_decode(query, key, value, kv_cache, block_table, cached_len, fmt)
     r, num_heads, d = query.shape
     num_kv_heads = key.shape[1]
     q, k, v = (t.to(torch.float32).contiguous() for t in (query, key, value))
@@ -96,3 +97,30 @@ def decode_attention(
     pairs = r * num_kv_heads
     kernel(*common, *extra, pairs, ptr(out), min(torch.get_num_threads(), pairs))
     return out
+
+
+def _check_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                  block_table: torch.Tensor, cached_len: torch.Tensor, fmt: KVFormat | None) -> None:
+    check_cpu(query=query, key=key, value=value, block_table=block_table, cached_len=cached_len)
+    shapes = (query.shape, key.shape, value.shape)
+    require(query.dim() == 3 and key.dim() == 3 and value.shape == key.shape,
+            lambda: "query must be [R, Hq, D] and key, value [R, Hk, D], got {}, {}, {}".format(*map(tuple, shapes)))
+    r, num_heads, d = query.shape
+    num_kv_heads = key.shape[1]
+    require(key.shape[0] == r and key.shape[2] == d, lambda: "key {1} does not fit query {0}".format(*map(tuple, shapes)))
+    require(num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= MAX_GQA,
+            lambda: f"{num_heads} query heads over {num_kv_heads} KV heads: need a multiple, at most {MAX_GQA} "
+                    "per KV head")
+    require(d % 8 == 0 and d <= MAX_HEAD_DIM, lambda: f"head_dim {d} must be a multiple of 8, at most {MAX_HEAD_DIM}")
+    if fmt is not None:
+        require(fmt.head_dim == d, lambda: f"head_dim {d} does not match the format's {fmt.head_dim}")
+        check_pages(kv_cache, num_kv_heads, fmt.slot_bytes, {torch.uint8})
+    else:
+        check_pages(kv_cache, num_kv_heads, 2 * d, DENSE_DTYPES)
+    require(block_table.dim() == 2 and block_table.shape[0] == r and cached_len.shape == (r,),
+            lambda: f"block_table must be [{r}, W] and cached_len [{r}], got {tuple(block_table.shape)} and "
+                    f"{tuple(cached_len.shape)}")
+    block_size = kv_cache.shape[2]
+    longest = check_in_range(cached_len, 0, block_table.shape[1] * block_size + 1, "cached_len")
+    used = -(-longest // block_size)  # the block-table columns the kernel reads
+    check_in_range(block_table[:, :used], 0, kv_cache.shape[0], "block ids")
