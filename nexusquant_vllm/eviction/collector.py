@@ -15,14 +15,17 @@ request, in each layer:
   (:func:`nexusquant_vllm.eviction.compaction.compact_blocks`).
 
 Both scorers are small objects in the style of kvpress's presses: a study's scorer plugs in without touching the
-connector. No extra forward pass. Cost: per layer, once per request, one ``[window x prompt]`` score matrix, one
-expected-logit pass over the prompt's keys and a re-read of the earlier prompt chunks' pages when the prefill was
-chunked.
+connector. No extra forward pass. The prompt's keys are read ``KEY_CHUNK`` tokens at a time (earlier chunks' pages decoded
+block by block), so scoring holds nothing of size query heads x prompt x head_dim, whatever the prompt's length:
+its temporaries are bounded by the chunk, and what grows with the prompt is one score per query head and token.
+Cost: per layer, once per request, two passes of the window's queries over the prompt's keys and one expected-logit
+pass (three reads of the earlier prompt chunks' pages when the prefill was chunked).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -31,8 +34,10 @@ import torch
 from nexusquant_vllm.attention.observer import LayerStep
 from nexusquant_vllm.eviction.compaction import compact_blocks, compaction_scores
 from nexusquant_vllm.eviction.expected import WINDOW as EXPECTED_WINDOW
-from nexusquant_vllm.eviction.expected import Rope, expected_scores
-from nexusquant_vllm.eviction.scorers import WindowAttentionScorer, window_attention
+from nexusquant_vllm.eviction.expected import Rope, attention_of_logits, expected_logits, key_frame_statistics
+from nexusquant_vllm.eviction.scorers import WindowAttentionScorer, streamed_window_attention
+
+KEY_CHUNK = 2048  # prompt tokens whose keys are scored at a time
 
 
 @dataclass
@@ -48,13 +53,16 @@ class ScoredRequest:
     heads: str = "mean"  # the block scorer's head reduction for this request's eviction rate
 
 
+PromptChunks = Callable[[], Iterator[tuple[int, torch.Tensor, torch.Tensor]]]  # () -> (start, K, V [Hk, C, D])
+
+
 @dataclass
 class PromptLayer:
-    """What a scorer sees of one request in one layer (float32, model domain)."""
+    """What a scorer sees of one request in one layer (model domain)."""
 
-    queries: torch.Tensor  # [Hq, new, D] the prompt queries of this step (the last ``new`` of the prompt)
-    keys: torch.Tensor  # [Hk, P, D] every prompt key
-    values: torch.Tensor  # [Hk, P, D]
+    queries: torch.Tensor  # [Hq, new, D] float32: the prompt queries of this step (the last ``new`` of the prompt)
+    chunks: PromptChunks  # the prompt's keys and values, in order, KEY_CHUNK tokens at a time
+    num_prompt: int
     attention: torch.Tensor  # [Hq, P] the window attention of the prompt's last queries
     scale: float
 
@@ -73,11 +81,15 @@ class ExpectedAttentionHeads:
     window: int = EXPECTED_WINDOW
 
     def __call__(self, layer: PromptLayer) -> torch.Tensor:
-        new, num_prompt = layer.queries.shape[1], layer.keys.shape[1]
+        new = layer.queries.shape[1]
         window = min(self.window, new)
-        positions = torch.arange(num_prompt - window, num_prompt, device=layer.queries.device)
-        expected = expected_scores(layer.queries[:, new - window :], positions, layer.keys, layer.values,
-                                   layer.scale, self.rope)
+        positions = torch.arange(layer.num_prompt - window, layer.num_prompt, device=layer.queries.device)
+        mean, cov = key_frame_statistics(layer.queries[:, new - window :], positions, layer.num_prompt, self.rope)
+        logits, norms = [], []
+        for _, keys, values in layer.chunks():
+            logits.append(expected_logits(mean, cov, keys, layer.scale))
+            norms.append(values.float().norm(dim=-1))
+        expected = attention_of_logits(torch.cat(logits, dim=-1), torch.cat(norms, dim=-1))
         return compaction_scores(expected, layer.attention)
 
 
@@ -105,33 +117,16 @@ class ScoreCollector:
         for req in self.plan:
             new = req.num_prompt - req.num_cached  # prompt tokens computed in this step
             queries = step.query[req.token_start : req.token_start + new].float().transpose(0, 1)  # [Hq, new, D]
-            keys, values = self._prompt_kv(req, step)
-            attention = self._window_attention(req, queries, keys, step.scale)  # [Hq, P]
+            chunks = functools.partial(_prompt_chunks, req, step)  # each pass reads the prompt again
+            window = min(self.block_scorer.window, new)
+            attention = streamed_window_attention(queries[:, new - window :], req.num_prompt - window,
+                                                  functools.partial(_keys_of, chunks), step.scale)
             block_scores = replace(self.block_scorer, heads=req.heads).reduce(attention, req.block_size)
             total = self.scores.get(req.req_id)
             self.scores[req.req_id] = block_scores if total is None else total + block_scores
             if self.head_scorer is not None:
-                per_head = self.head_scorer(PromptLayer(queries, keys, values, attention, step.scale))
+                per_head = self.head_scorer(PromptLayer(queries, chunks, req.num_prompt, attention, step.scale))
                 self.compactions.setdefault(req.req_id, []).append((step.kv_cache, per_head))
-
-    def _prompt_kv(self, req: ScoredRequest, step: LayerStep) -> tuple[torch.Tensor, torch.Tensor]:
-        """All prompt keys and values ``[Hk, P, D]`` (float32): earlier chunks from the pages, this step's raw."""
-        this_step = slice(req.token_start, req.token_start + req.num_prompt - req.num_cached)
-        keys, values = (x[this_step].float().transpose(0, 1) for x in (step.key, step.value))
-        if req.num_cached > 0:
-            cached = step.read_pages(self._cached_blocks(req, step.key.device))
-            keys, values = (torch.cat([c.float().flatten(1, 2)[:, : req.num_cached], x], dim=1)
-                            for c, x in zip(cached, (keys, values)))
-        return keys, values
-
-    def _window_attention(self, req: ScoredRequest, queries: torch.Tensor, keys: torch.Tensor,
-                          scale: float) -> torch.Tensor:
-        """Window attention of the last ``block_scorer.window`` prompt queries, all of them in this step."""
-        new = queries.shape[1]
-        window = min(self.block_scorer.window, new)
-        padded = queries.new_zeros(queries.shape[0], req.num_prompt, queries.shape[2])
-        padded[:, req.num_prompt - window :] = queries[:, new - window :]
-        return window_attention(padded, keys, scale, window)
 
     def compact(self, req_id: str, block_ids: list[int], span: list[int], targets: list[int]) -> None:
         """Fill the logical blocks ``targets`` of every layer with that layer's and head's best tokens of ``span``
@@ -149,11 +144,28 @@ class ScoreCollector:
         for req_id in req_ids:
             self.compactions.pop(req_id, None)
 
-    @staticmethod
-    def _cached_blocks(req: ScoredRequest, device: torch.device) -> torch.Tensor:
-        n = -(-req.num_cached // req.block_size)
-        return torch.tensor(req.block_ids[:n], dtype=torch.int64, device=device)
-
     def take(self) -> dict[str, torch.Tensor]:
         scores, self.scores, self.plan = self.scores, {}, []
         return scores
+
+
+def _prompt_chunks(req: ScoredRequest, step: LayerStep) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """The request's prompt keys and values ``[Hk, C, D]`` in order, at most ``KEY_CHUNK`` tokens at a time (whole
+    blocks): the earlier chunks read back from the pages, then this step's raw tokens."""
+    per_read = max(1, KEY_CHUNK // req.block_size)
+    num_blocks = -(-req.num_cached // req.block_size)
+    for first in range(0, num_blocks, per_read):
+        ids = torch.tensor(req.block_ids[first : min(first + per_read, num_blocks)], dtype=torch.int64,
+                           device=step.key.device)
+        start = first * req.block_size
+        length = min(req.num_cached - start, len(ids) * req.block_size)
+        keys, values = step.read_pages(ids)  # [Hk, n, block_size, D]
+        yield start, keys.flatten(1, 2)[:, :length], values.flatten(1, 2)[:, :length]
+    new = req.num_prompt - req.num_cached
+    for offset in range(0, new, KEY_CHUNK):
+        rows = slice(req.token_start + offset, req.token_start + min(new, offset + KEY_CHUNK))
+        yield req.num_cached + offset, step.key[rows].transpose(0, 1), step.value[rows].transpose(0, 1)
+
+
+def _keys_of(chunks: PromptChunks) -> Iterator[tuple[int, torch.Tensor]]:
+    return ((start, keys) for start, keys, _ in chunks())

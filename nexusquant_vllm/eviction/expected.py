@@ -70,18 +70,42 @@ def query_statistics(queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return mean, centered.transpose(1, 2) @ centered / q.shape[1]
 
 
+def expected_logits(mean: torch.Tensor, cov: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Expected logits ``[Hq, C]`` of the post-RoPE ``keys`` ``[Hk, C, D]`` for queries ~ N(``mean`` ``[Hq, D]``,
+    ``cov`` ``[Hq, D, D]``): ``scale <k, mean> + scale^2 / 2 k^T cov k``. The query heads of one KV head are a view of
+    its keys (no copy per query head), so the keys can come in chunks of any length."""
+    num_kv_heads, length, head_dim = keys.shape
+    groups = mean.shape[0] // num_kv_heads
+    k = keys.float()[:, None]  # [Hk, 1, C, D]
+    linear = (k @ mean.view(num_kv_heads, groups, head_dim, 1))[..., 0]  # [Hk, g, C]
+    quadratic = ((k @ cov.view(num_kv_heads, groups, head_dim, head_dim)) * k).sum(-1)
+    return (linear * scale + 0.5 * scale**2 * quadratic).reshape(num_kv_heads * groups, length)
+
+
+def attention_of_logits(logits: torch.Tensor, value_norms: torch.Tensor) -> torch.Tensor:
+    """Scores ``[Hk, P]`` (each row sums to 1) from expected logits ``[Hq, P]`` and value norms ``[Hk, P]``: the
+    softmax over the prompt times the value norm, renormalized, averaged over each KV head's query heads."""
+    num_kv_heads = value_norms.shape[0]
+    p = logits.softmax(-1).view(num_kv_heads, -1, logits.shape[-1]) * value_norms[:, None]
+    return (p / p.sum(-1, keepdim=True)).mean(1)
+
+
 def expected_attention(
     mean: torch.Tensor, cov: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Scores ``[Hk, P]`` (float32, each row sums to 1) of the post-RoPE ``keys`` / ``values`` ``[Hk, P, D]`` for
     future queries ~ N(``mean`` ``[Hq, D]``, ``cov`` ``[Hq, D, D]``), in the keys' rotary frame."""
-    num_q_heads, num_kv_heads = mean.shape[0], keys.shape[0]
-    groups = num_q_heads // num_kv_heads
-    k = keys.float().repeat_interleave(groups, dim=0)  # [Hq, P, D]
-    logits = (k @ mean[:, :, None])[..., 0] * scale + 0.5 * scale**2 * ((k @ cov) * k).sum(-1)
-    p = logits.softmax(-1) * values.float().norm(dim=-1).repeat_interleave(groups, dim=0)
-    p = p / p.sum(-1, keepdim=True)
-    return p.view(num_kv_heads, groups, -1).mean(1)
+    return attention_of_logits(expected_logits(mean, cov, keys, scale), values.float().norm(dim=-1))
+
+
+def key_frame_statistics(queries: torch.Tensor, positions: torch.Tensor, prompt_len: int, rope: Rope,
+                         future: int = FUTURE_POSITIONS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``[Hq, D]`` and covariance ``[Hq, D, D]`` of future queries in the keys' rotary frame, from a sample of
+    post-RoPE ``queries`` ``[Hq, T, D]`` at ``positions`` ``[T]``: RoPE undone, then averaged over the next
+    ``future`` positions after the prompt."""
+    mean, cov = query_statistics(rope.unrotate(queries.float(), positions))
+    m = rope.average_rotation(prompt_len, future, queries.shape[-1]).to(mean.device)
+    return mean @ m.T, m @ cov @ m.T
 
 
 def expected_scores(
@@ -95,7 +119,5 @@ def expected_scores(
 ) -> torch.Tensor:
     """Per-KV-head scores ``[Hk, P]`` of a prompt's ``keys`` / ``values`` ``[Hk, P, D]`` from a sample of its
     post-RoPE ``queries`` ``[Hq, T, D]`` at ``positions`` ``[T]``."""
-    prompt_len, head_dim = keys.shape[1], keys.shape[2]
-    mean, cov = query_statistics(rope.unrotate(queries.float(), positions))
-    m = rope.average_rotation(prompt_len, future, head_dim).to(mean.device)
-    return expected_attention(mean @ m.T, m @ cov @ m.T, keys, values, scale)
+    mean, cov = key_frame_statistics(queries, positions, keys.shape[1], rope, future)
+    return expected_attention(mean, cov, keys, values, scale)

@@ -7,14 +7,15 @@ probabilities, never from key norms (measured: key-norm scoring costs +12% to +2
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 HEAD_REDUCTIONS = ("mean", "max")
 # From this eviction rate on, blocks are scored by their attention mass in the head that needs them most
-# (``heads="max"``). Measured by benchmarks/research/eviction_offline.py over 24 chunks: at 60% it beats the head mean by
-# 1.44% PPL [0.26, 2.87]; at 35% the head mean is better (by 0.18% [-0.14, +0.55]).
+# (``heads="max"``). Measured by benchmarks/research/eviction_offline.py over 24 chunks: at 60% it beats the head mean
+# by 1.44% PPL [0.26, 2.87]; at 35% the head mean is better (by 0.18% [-0.14, +0.55]).
 MASS_MAX_MIN_RATE = 0.5
 
 
@@ -79,14 +80,44 @@ class WindowAttentionScorer:
 def window_attention(queries: torch.Tensor, keys: torch.Tensor, softmax_scale: float, window: int) -> torch.Tensor:
     """``[num_q_heads, tokens]``: each query head's causal softmax over the prompt keys, averaged over the last
     ``window`` prompt queries (``queries`` ``[Hq, tokens, D]``, ``keys`` ``[Hk, tokens, D]``, GQA)."""
-    num_q_heads, tokens, _ = queries.shape
+    tokens = queries.shape[1]
     window = min(window, tokens)
-    q = queries[:, tokens - window :].to(torch.float32)
-    k = keys.to(torch.float32).repeat_interleave(num_q_heads // keys.shape[0], dim=0)
-    logits = q @ k.transpose(-1, -2) * softmax_scale  # [q_heads, window, tokens]
-    query_pos = torch.arange(tokens - window, tokens, device=q.device)[:, None]
-    logits = logits.masked_fill(torch.arange(tokens, device=q.device) > query_pos, float("-inf"))
-    return logits.softmax(-1).mean(1)
+    return streamed_window_attention(queries[:, tokens - window :], tokens - window, lambda: iter([(0, keys)]),
+                                     softmax_scale)
+
+
+KeyChunks = Callable[[], Iterator[tuple[int, torch.Tensor]]]  # () -> (start, keys [Hk, C, D]) over the prompt
+
+
+def streamed_window_attention(queries: torch.Tensor, first_position: int, key_chunks: KeyChunks,
+                              softmax_scale: float) -> torch.Tensor:
+    """:func:`window_attention` of the window's ``queries`` ``[Hq, W, D]`` (prompt positions ``first_position``
+    onward) over keys that come in chunks, in order from position 0: two passes (the softmax's running max and sum,
+    then the normalized mean), so that nothing of size query heads x prompt x head_dim is ever held."""
+    row_max = row_sum = None
+    for start, keys in key_chunks():
+        logits = _window_logits(queries, first_position, start, keys, softmax_scale)
+        chunk_max = logits.amax(-1)
+        new_max = chunk_max if row_max is None else torch.maximum(row_max, chunk_max)
+        mass = (logits - new_max[..., None]).exp().sum(-1)
+        row_sum = mass if row_sum is None else row_sum * (row_max - new_max).exp() + mass
+        row_max = new_max
+    parts = [((_window_logits(queries, first_position, start, keys, softmax_scale) - row_max[..., None]).exp()
+              / row_sum[..., None]).mean(1) for start, keys in key_chunks()]
+    return torch.cat(parts, dim=-1)
+
+
+def _window_logits(queries: torch.Tensor, first_position: int, start: int, keys: torch.Tensor,
+                   softmax_scale: float) -> torch.Tensor:
+    """Causal logits ``[Hq, W, C]`` of the window's queries against the keys at positions ``start..start+C`` (the
+    query heads of one KV head are one matmul with its keys: GQA without repeating them)."""
+    num_q_heads, window, head_dim = queries.shape
+    num_kv_heads, length, _ = keys.shape
+    q = queries.float().reshape(num_kv_heads, -1, head_dim)
+    logits = (q @ keys.float().transpose(-1, -2)).view(num_q_heads, window, length) * softmax_scale
+    key_pos = torch.arange(start, start + length, device=queries.device)
+    query_pos = torch.arange(first_position, first_position + window, device=queries.device)[:, None]
+    return logits.masked_fill(key_pos > query_pos, float("-inf"))
 
 
 def pool_positions(scores: torch.Tensor, width: int) -> torch.Tensor:

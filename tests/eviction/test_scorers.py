@@ -9,6 +9,7 @@ from nexusquant_vllm.eviction.scorers import MASS_MAX_MIN_RATE, block_mass_max, 
 from nexusquant_vllm.eviction.compaction import compact_blocks, compaction_scores
 from nexusquant_vllm.eviction.expected import Rope, expected_scores
 from nexusquant_vllm.attention import LayerStep
+from nexusquant_vllm.eviction import collector as collector_module
 from nexusquant_vllm.eviction.collector import ExpectedAttentionHeads, ScoreCollector, ScoredRequest
 
 
@@ -76,9 +77,11 @@ def layer_step(q, k, v, keys, values, block_size, kv_cache=None) -> LayerStep:
     return LayerStep(q, k, v, fake_pages(keys, block_size, values), 0.3, cache)
 
 
+@pytest.mark.parametrize("key_chunk", [2048, 8], ids=["one-read", "block-by-block"])
 @pytest.mark.parametrize("heads", ["mean", "max"])
 @pytest.mark.parametrize("cached", [0, 16, 24, 36])
-def test_collector_chunked_prompt_equals_whole_prompt(heads, cached):
+def test_collector_chunked_prompt_equals_whole_prompt(heads, cached, key_chunk, monkeypatch):
+    monkeypatch.setattr(collector_module, "KEY_CHUNK", key_chunk)
     gen = torch.Generator().manual_seed(3)
     tokens, block_size, layers = 40, 8, 3
     collector = ScoreCollector(WindowAttentionScorer(window=6, pool=3))
@@ -100,11 +103,13 @@ def test_collector_chunked_prompt_equals_whole_prompt(heads, cached):
     assert collector.compactions == {}  # no head scorer: nothing kept for compaction
 
 
+@pytest.mark.parametrize("key_chunk", [2048, 8], ids=["one-read", "block-by-block"])
 @pytest.mark.parametrize("cached", [0, 16, 36])
-def test_collector_compacts_each_layer_with_its_own_scores(cached):
+def test_collector_compacts_each_layer_with_its_own_scores(cached, key_chunk, monkeypatch):
     """Per layer: expected-attention scores of the whole prompt (last ``window`` queries of the head scorer) plus its window
     attention, then ``compact`` rewrites that layer's cache exactly like compact_blocks with those scores, and
     forgets them."""
+    monkeypatch.setattr(collector_module, "KEY_CHUNK", key_chunk)
     gen = torch.Generator().manual_seed(5)
     tokens, block_size, layers, d = 40, 8, 2, 8
     inv_freq = 100.0 ** (-torch.arange(0, d, 2) / d)

@@ -326,3 +326,31 @@ def test_env_var_installs_the_connector(monkeypatch):
     assert args.kv_transfer_config.kv_connector == "NQEvictionConnector"
     assert args.kv_transfer_config.kv_connector_extra_config["eviction"] == "balanced"
     assert args.additional_config["nexusquant"]["eviction"] == "balanced"  # what every worker reads
+
+
+def _connector(groups: int):
+    from types import SimpleNamespace
+
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from nexusquant_vllm.vllm_glue.eviction.connector import NQEvictionConnector
+
+    vllm_config = SimpleNamespace(kv_transfer_config=KVTransferConfig(**kv_transfer_config("balanced")),
+                                  cache_config=SimpleNamespace(cache_dtype="e8-k3v2", block_size=32))
+    kv_cache_config = SimpleNamespace(kv_cache_groups=[object()] * groups)
+    return NQEvictionConnector(vllm_config, KVConnectorRole.SCHEDULER, kv_cache_config)
+
+
+def test_more_than_one_kv_cache_group_is_refused_at_startup():
+    """It used to raise NotImplementedError inside the scheduler, at the first eviction."""
+    _connector(1)
+    with pytest.raises(ValueError, match="one KV-cache group; this one has 2"):
+        _connector(2)
+
+
+def test_a_pooling_request_is_never_evicted():
+    """A request without sampling params (pooling) used to crash the worker's plan (``sampling_params.extra_args``)."""
+    from types import SimpleNamespace
+
+    assert _connector(1)._eviction_point(SimpleNamespace(sampling_params=None, num_prompt_tokens=4096)) is None

@@ -120,6 +120,12 @@ class NQEvictionConnector(KVConnectorBase_V1):
                 f"nexusquant eviction needs an e8 --kv-cache-dtype (e.g. e8-k3v2), got {dtype!r}: only the "
                 "nexusquant attention backend masks the freed blocks"
             )
+        groups = len(kv_cache_config.kv_cache_groups) if kv_cache_config is not None else 1
+        if groups != 1:
+            raise ValueError(
+                f"nexusquant eviction supports models with one KV-cache group; this one has {groups} (e.g. layers "
+                "with different attention types or window sizes): run it without the eviction connector"
+            )
         extra = self._kv_transfer_config.kv_connector_extra_config
         self.default_policy = params.server_policy(extra)
         self.block_size = vllm_config.cache_config.block_size
@@ -227,6 +233,8 @@ class NQEvictionConnector(KVConnectorBase_V1):
 
     def _eviction_point(self, state) -> tuple[int, float] | None:
         """The prompt tokens to score and evict among and the request's rate, or None if it evicts nothing."""
+        if state.sampling_params is None:  # a pooling request: nothing is generated, nothing evicted
+            return None
         extra_args = state.sampling_params.extra_args
         try:
             policy = params.request_policy(self.default_policy, extra_args)
@@ -282,10 +290,7 @@ class NQEvictionConnector(KVConnectorBase_V1):
         """Free the request's blocks; returns the freed logical blocks and the kept ones its compaction rewrites."""
         request, bs = state.request, self.block_size
         manager = self._kv_cache_manager
-        single = manager.coordinator.single_type_managers
-        if len(single) != 1:
-            raise NotImplementedError("nexusquant eviction supports one KV-cache group")
-        stm, pool = single[0], manager.block_pool
+        stm, pool = manager.coordinator.single_type_managers[0], manager.block_pool  # one group: checked at start
         blocks = stm.req_to_blocks[request.request_id]
         num_scored = state.evict_at
         scores_ = state.scores[:num_scored]
