@@ -71,14 +71,24 @@ class EvictionPolicy:
 
 
 def eligible_blocks(num_prompt_tokens: int, block_size: int, policy: EvictionPolicy) -> list[int]:
-    """Logical blocks that may be freed: full, after the sinks, before the recent window, not protected."""
-    keep_from = num_prompt_tokens - policy.recent_tokens
-    eligible = []
-    for block in range(policy.sink_blocks, num_prompt_tokens // block_size):
-        start, end = block * block_size, (block + 1) * block_size
-        if end > keep_from:
-            break
-        if not any(start < p_end and p_start < end for p_start, p_end in policy.protected):
+    """Logical blocks that may be freed: full, after the sinks, before the recent window, not protected.
+
+    A block is protected when a range overlaps it (``start < range_end and range_start < end``; an empty range
+    inside a block protects it). O(blocks + ranges): each range marks its first and last block in a difference
+    array, whatever its length.
+    """
+    num_blocks = num_prompt_tokens // block_size
+    before_recent = max(0, num_prompt_tokens - policy.recent_tokens) // block_size  # blocks ending before it
+    marks = [0] * (num_blocks + 1)
+    for range_start, range_end in policy.protected:
+        first, last = max(range_start // block_size, 0), min((range_end - 1) // block_size, num_blocks - 1)
+        if first <= last:
+            marks[first] += 1
+            marks[last + 1] -= 1
+    eligible, depth = [], 0
+    for block in range(min(num_blocks, before_recent)):
+        depth += marks[block]
+        if block >= policy.sink_blocks and depth == 0:
             eligible.append(block)
     return eligible
 

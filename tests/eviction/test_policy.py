@@ -94,3 +94,30 @@ def test_window_scorer_pools_neighbours():
     pooled = WindowAttentionScorer(window=8, pool=3).score(queries, keys, 0.3)
     assert torch.allclose(pooled[10], raw[9:12].mean(), atol=1e-6)
     assert torch.allclose(pooled[0], raw[0:2].mean(), atol=1e-6)
+
+
+def _eligible_naive(num_prompt_tokens, block_size, policy):
+    keep_from = num_prompt_tokens - policy.recent_tokens
+    out = []
+    for block in range(policy.sink_blocks, num_prompt_tokens // block_size):
+        start, end = block * block_size, (block + 1) * block_size
+        if end > keep_from:
+            break
+        if not any(start < p_end and p_start < end for p_start, p_end in policy.protected):
+            out.append(block)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_eligible_blocks_equals_the_per_range_check(seed):
+    """The difference-array version (O(blocks + ranges)) keeps the per-block, per-range overlap rule exactly: empty
+    ranges inside a block, ranges on block edges, past the prompt, overlapping each other."""
+    from nexusquant_vllm.eviction.policy import eligible_blocks
+
+    gen = torch.Generator().manual_seed(seed)
+    tokens, block = int(torch.randint(0, 700, (1,), generator=gen)), int(torch.tensor([8, 16, 32])[seed % 3])
+    starts = torch.randint(0, 800, (int(torch.randint(0, 12, (1,), generator=gen)),), generator=gen)
+    lengths = torch.randint(0, 3, starts.shape, generator=gen) * torch.randint(0, 90, starts.shape, generator=gen)
+    ranges = tuple((int(s), int(s + n)) for s, n in zip(starts, lengths))
+    policy = EvictionPolicy(rate=0.5, recent_tokens=int(seed * 7), sink_blocks=seed % 3, protected=ranges)
+    assert eligible_blocks(tokens, block, policy) == _eligible_naive(tokens, block, policy)

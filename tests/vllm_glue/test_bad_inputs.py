@@ -209,6 +209,8 @@ def _assert_400(resp, param: str, message: str) -> None:
     ({"nq_eviction_protect": [9, 3]}, "nq_eviction_protect", f"{PROTECT_ERROR}, got [9, 3]"),
     ({"nq_eviction_protect": [3, 9, 12]}, "nq_eviction_protect", f"{PROTECT_ERROR}, got [3, 9, 12]"),
     ({"nq_eviction_protect": "0-10"}, "nq_eviction_protect", f"{PROTECT_ERROR}, got '0-10'"),
+    ({"nq_eviction_protect": [0, 0] * 1025}, "nq_eviction_protect",
+     "nq_eviction_protect may hold at most 1024 ranges, got 1025"),
     ({"nq_eviction_at": 0}, "nq_eviction_at", "nq_eviction_at must be a token count >= 1, got 0"),
     ({"nq_eviction_at": "64"}, "nq_eviction_at", "nq_eviction_at must be a token count >= 1, got '64'"),
     ({"nq_evction": 0.2}, "nq_evction", "unknown nexusquant request argument 'nq_evction'"),

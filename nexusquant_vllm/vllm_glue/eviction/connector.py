@@ -237,11 +237,11 @@ class NQEvictionConnector(KVConnectorBase_V1):
             return None
         extra_args = state.sampling_params.extra_args
         try:
-            policy = params.request_policy(self.default_policy, extra_args)
+            rate = params.request_rate(self.default_policy, extra_args)
             evict_at = params.eviction_point(extra_args, state.num_prompt_tokens)
         except ValueError:
             return None
-        return (evict_at, policy.rate) if policy.rate > 0 and evict_at >= policy.min_prompt_tokens else None
+        return (evict_at, rate) if rate > 0 and evict_at >= self.default_policy.min_prompt_tokens else None
 
     # ---- scheduler side ---------------------------------------------------------------------------------------
 

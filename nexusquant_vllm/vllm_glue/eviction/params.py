@@ -29,6 +29,7 @@ EXTRA_ARG = "nq_eviction"
 PROTECT_ARG = "nq_eviction_protect"
 AT_ARG = "nq_eviction_at"
 ARG_PREFIX = "nq_"  # every per-request argument of nexusquant starts with it
+MAX_PROTECTED_RANGES = 1024  # per request: the scheduler's work per eviction stays O(blocks + ranges)
 CONNECTOR_NAME = "NQEvictionConnector"
 CONNECTOR_MODULE = "nexusquant_vllm.vllm_glue.eviction.connector"
 # kv_connector_extra_config keys (all optional)
@@ -98,6 +99,8 @@ def _parse_protected(value: object) -> tuple[tuple[int, int], ...]:
     pairs = list(zip(value[::2], value[1::2])) if flat else value
     if flat and len(value) % 2:
         raise error
+    if len(pairs) > MAX_PROTECTED_RANGES:
+        raise ValueError(f"{PROTECT_ARG} may hold at most {MAX_PROTECTED_RANGES} ranges, got {len(pairs)}")
     ranges = []
     for item in pairs:
         if not (isinstance(item, (list, tuple)) and len(item) == 2 and all(type(x) is int for x in item)):
@@ -126,6 +129,14 @@ def compaction(extra_config: dict) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"kv_connector_extra_config.{COMPACTION_KEY} must be true or false, got {value!r}")
     return value
+
+
+def request_rate(default: EvictionPolicy, extra_args: dict | None) -> float:
+    """The request's eviction rate alone (what the worker needs every step; the protected ranges are parsed once,
+    by the scheduler)."""
+    if not extra_args or EXTRA_ARG not in extra_args:
+        return default.rate
+    return parse_rate(extra_args[EXTRA_ARG], EXTRA_ARG)
 
 
 def request_policy(default: EvictionPolicy, extra_args: dict | None) -> EvictionPolicy:
