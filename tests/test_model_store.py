@@ -1,6 +1,7 @@
 import importlib.util
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -53,20 +54,46 @@ def test_cache_root_prefers_nexusquant_cache_then_xdg(monkeypatch: pytest.Monkey
     assert model_store.cache_root() == Path.home() / ".cache" / "nexusquant_vllm"
 
 
-def test_publish_keeps_a_folder_finished_by_a_concurrent_run(tmp_path: Path) -> None:
-    winner, loser = tmp_path / "target", tmp_path / "staging"
-    for folder in (winner, loser):
-        folder.mkdir()
-        (folder / model_store.MARKER).write_text(folder.name)
-    model_store.publish(loser, winner)
-    assert (winner / model_store.MARKER).read_text() == "target"
+@pytest.fixture
+def fake_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[int]:
+    """``materialize`` replaced by a slow, tiny build into ``$NEXUSQUANT_CACHE`` = tmp_path; returns its call log."""
+    calls: list[int] = []
+
+    def materialize(gguf_dir: Path, out_dir: Path) -> None:
+        calls.append(1)
+        time.sleep(0.3)  # long enough for a concurrent caller to arrive while the build runs
+        (out_dir / "config.json").write_text("{}")
+        (out_dir / "model.safetensors").write_bytes(b"w" * 1000)
+
+    monkeypatch.setattr(model_store, "materialize", materialize)
+    monkeypatch.setattr(model_store, "gguf_directory", lambda: tmp_path)
+    monkeypatch.setenv("NEXUSQUANT_CACHE", str(tmp_path))
+    return calls
 
 
-def test_publish_replaces_an_unfinished_folder(tmp_path: Path) -> None:
-    target, staging = tmp_path / "target", tmp_path / "staging"
-    target.mkdir()
-    (target / "config.json").write_text("{}")
-    staging.mkdir()
-    (staging / model_store.MARKER).write_text("new")
-    model_store.publish(staging, target)
-    assert sorted(path.name for path in target.iterdir()) == [model_store.MARKER]
+def test_concurrent_first_calls_build_once(fake_build: list[int]) -> None:
+    """It used to build in every caller, and a late publish could delete a folder another caller was using."""
+    with ThreadPoolExecutor(4) as pool:
+        paths = set(pool.map(lambda _: model_store.smollm2_path(), range(4)))
+    assert len(paths) == 1 and fake_build == [1]
+    assert model_store.problems(Path(paths.pop())) == []
+
+
+def test_a_killed_builds_staging_folder_is_removed(fake_build: list[int], tmp_path: Path) -> None:
+    stale = tmp_path / f".{model_store.MODEL_DIRNAME}-killed"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    model_store.smollm2_path()
+    assert not stale.exists()
+
+
+def test_a_damaged_folder_is_rebuilt_or_reported(fake_build: list[int]) -> None:
+    """A published folder with a marker but damaged files used to be trusted forever."""
+    path = Path(model_store.smollm2_path())
+    (path / "model.safetensors").write_bytes(b"w" * 10)  # truncated: seen by every call's size check
+    assert model_store.smollm2_path() == str(path) and fake_build == [1, 1]
+    (path / "model.safetensors").write_bytes(b"x" * 1000)  # same size, other content: seen by the hashes
+    assert model_store.intact(path) and not model_store.intact(path, hashes=True)
+    assert model_store.problems(path) == ["model.safetensors: content differs from the build (SHA-256)"]
+    model_store.smollm2_path(rebuild=True)
+    assert model_store.problems(path) == [] and fake_build == [1, 1, 1]
