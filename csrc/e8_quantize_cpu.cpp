@@ -138,19 +138,21 @@ void decode_e8p(const Tables& tb, int32_t index, float* out) {
 }
 
 // Nearest point of D8 (integer vectors with an even sum), rounding half to even like torch.round.
+// Only the sum's parity is needed: it is taken per coordinate, so a NaN, infinite or huge target (a NaN vector) never
+// converts an out-of-range float to int. Floats of magnitude >= 2^24 are even integers.
 void nearest_d8(const float* t, float* out) {
-  int sum = 0, worst = 0;
+  int parity = 0, worst = 0;
   float worst_error = -1.0f;
   for (int i = 0; i < kGroup; ++i) {
     out[i] = std::nearbyint(t[i]);
-    sum += static_cast<int>(out[i]);
+    parity ^= std::fabs(out[i]) < 16777216.0f ? static_cast<int>(out[i]) & 1 : 0;
     const float e = std::fabs(t[i] - out[i]);
     if (e > worst_error) {
       worst_error = e;
       worst = i;
     }
   }
-  if (sum & 1) out[worst] += t[worst] - out[worst] > 0.0f ? 1.0f : -1.0f;
+  if (parity) out[worst] += t[worst] - out[worst] > 0.0f ? 1.0f : -1.0f;
 }
 
 // Nearest point y of the lattice E8 + 1/4 (Conway-Sloane: the closer of D8 + 1/4 and D8 + 3/4). Returns whether y
@@ -184,8 +186,9 @@ int32_t lattice_e8p_index(const float* u, const int64_t* lookup) {
   int32_t signs = 0;
   for (int i = 0; i < kGroup; ++i, weight *= 4) {
     const float base = plus ? y[i] - 0.25f : y[i] + 0.25f;
-    const int digit = static_cast<int>(std::nearbyint(std::fabs(base) - 0.5f));
-    if (digit < 0 || digit > 3) return -1;
+    const float level = std::nearbyint(std::fabs(base) - 0.5f);
+    if (!(level >= 0.0f && level <= 3.0f)) return -1;  // also NaN: compared as a float, never cast out of range
+    const int digit = static_cast<int>(level);
     key += digit * weight;
     if (i < kGroup - 1 && base < 0.0f) signs |= 1 << (8 + i);
   }
