@@ -354,3 +354,55 @@ def test_a_pooling_request_is_never_evicted():
     from types import SimpleNamespace
 
     assert _connector(1)._eviction_point(SimpleNamespace(sampling_params=None, num_prompt_tokens=4096)) is None
+
+
+def test_blocks_shared_with_a_running_request_are_neither_freed_nor_rewritten(engine):
+    """B shares A's prompt prefix (a prefix-cache hit on A's first blocks) and runs beside A while A evicts 60% with
+    compaction: the shared blocks are neither freed nor compacted, and B's greedy tokens equal those of the same two
+    requests without eviction."""
+    from vllm import TokensPrompt
+
+    llm, pool = engine["llm"], engine["pool"]
+    tok = llm.get_tokenizer()
+    shared = tok(long_prompt(14, "S. ")).input_ids
+    a_ids = shared + tok(" " + " ".join(FACTS), add_special_tokens=False).input_ids
+    b_ids = shared + tok(" Which bridges does the railway cross?", add_special_tokens=False).input_ids
+    prompts = [TokensPrompt(prompt_token_ids=a_ids), TokensPrompt(prompt_token_ids=b_ids)]
+    free_start = pool.get_num_free_blocks()
+    b_tokens = {}
+    for rate in (0.0, 0.6):
+        llm.reset_prefix_cache()
+        outs = llm.generate(prompts, [_sp(rate, max_tokens=16), _sp(None, max_tokens=16)])
+        assert outs[1].num_cached_tokens >= BLOCK_SIZE, "B must hit A's blocks for this test to mean anything"
+        b_tokens[rate] = list(outs[1].outputs[0].token_ids)
+    event = _event(engine["connector"], outs[0].request_id)
+    assert event is not None and event["blocks"], event
+    shared_blocks = set(range(outs[1].num_cached_tokens // BLOCK_SIZE))
+    assert not shared_blocks & (set(event["blocks"]) | set(event["compacted"])), (shared_blocks, event)
+    assert b_tokens[0.6] == b_tokens[0.0]
+    assert pool.get_num_free_blocks() == free_start
+
+
+def test_a_prefix_hit_after_another_requests_compaction_reads_what_was_written(engine):
+    """A evicts 60% and compacts, then C resends A's prompt with another question: C's prefix-cache hit stops before
+    A's first compacted block (those were rewritten and left the cache), and C's greedy tokens equal those of C after
+    a request without eviction left exactly the same prefix in the cache (the same hit, so the same prefill chunks:
+    a different chunking alone changes the last bits, and with them greedy tokens)."""
+    from vllm import TokensPrompt
+
+    llm = engine["llm"]
+    tok = llm.get_tokenizer()
+    a_ids = tok(long_prompt(24, "C. ")).input_ids
+    c_prompt = TokensPrompt(prompt_token_ids=a_ids + tok(" Who drew the old maps?", add_special_tokens=False).input_ids)
+    llm.reset_prefix_cache()
+    a = llm.generate([TokensPrompt(prompt_token_ids=a_ids)], _sp(0.6, max_tokens=4))[0]
+    compacted = _event(engine["connector"], a.request_id)["compacted"]
+    assert compacted
+    c = llm.generate([c_prompt], _sp(None, max_tokens=16))[0]
+    hit = c.num_cached_tokens
+    assert 0 < hit <= min(compacted) * BLOCK_SIZE
+    llm.reset_prefix_cache()
+    llm.generate([TokensPrompt(prompt_token_ids=a_ids[:hit])], _sp(None, max_tokens=1))  # the same prefix, no eviction
+    reference = llm.generate([c_prompt], _sp(None, max_tokens=16))[0]
+    assert reference.num_cached_tokens == hit
+    assert list(c.outputs[0].token_ids) == list(reference.outputs[0].token_ids)
