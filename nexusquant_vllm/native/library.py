@@ -31,7 +31,6 @@ def ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-
 def require(ok: bool, what: Callable[[], str]) -> None:
     """``ValueError`` naming the violated condition, raised before any pointer reaches the C++ side (the message is
     built only then: these checks run on every decode step)."""

@@ -223,7 +223,6 @@ class NexusQuantImpl(AttentionImpl[NexusQuantMetadata]):
                           num_kv_heads)
         path_cls = layer_path(current_platform.device_type, layer, vllm_config)
         self.path: AttentionPath = path_cls(layer.pages(), self.scale)
-        self.fmt = self.path.pages.fmt  # None: dense pages
         self.observer: LayerObserver | None = None  # set by the eviction connector's worker half
         logger.info_once("nexusquant: %s layers (%s) attend through the %s path", "E8" if coded else "protected",
                          kv_cache_dtype, path_cls.name)

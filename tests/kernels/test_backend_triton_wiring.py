@@ -22,9 +22,10 @@ def impl(dtype: str, attention: str, monkeypatch) -> NexusQuantImpl:
 
 
 def empty_cache(layer: NexusQuantImpl, device: str) -> torch.Tensor:
-    if layer.fmt is None:
+    fmt = layer.path.pages.fmt
+    if fmt is None:
         return torch.zeros(NUM_BLOCKS, HK, PAGE, 2 * D, dtype=torch.bfloat16, device=device)
-    return torch.zeros(NUM_BLOCKS, HK, PAGE, layer.fmt.slot_bytes, dtype=torch.uint8, device=device)
+    return torch.zeros(NUM_BLOCKS, HK, PAGE, fmt.slot_bytes, dtype=torch.uint8, device=device)
 
 
 def slots_of(positions: list[torch.Tensor]) -> torch.Tensor:

@@ -143,7 +143,7 @@ def request_policy(default: EvictionPolicy, extra_args: dict | None) -> Eviction
     """The policy of one request: the server default with the request's ``nq_eviction`` / protected ranges."""
     if not extra_args or (EXTRA_ARG not in extra_args and PROTECT_ARG not in extra_args):
         return default
-    rate = parse_rate(extra_args[EXTRA_ARG], EXTRA_ARG) if EXTRA_ARG in extra_args else default.rate
+    rate = request_rate(default, extra_args)
     protected = _parse_protected(extra_args[PROTECT_ARG]) if PROTECT_ARG in extra_args else default.protected
     return EvictionPolicy(
         rate=rate, min_prompt_tokens=default.min_prompt_tokens, recent_tokens=default.recent_tokens,
