@@ -1,25 +1,39 @@
 """Soak: a real OpenAI server on loopback (``nexusquant-vllm serve``, SmolLM2-135M, ``e8-k3v2``, eviction on) under
-many concurrent streaming clients, a KV pool small enough to force preemption, and clients that go away.
+many concurrent clients, a KV pool small enough to force preemption, and clients that go away.
 
 Load: ``--concurrency`` clients keep requests in flight until ``--requests`` were sent or ``--duration`` seconds
-passed. Each request streams a completion of a random corpus excerpt (token ids, ``SoakConfig.prompt_tokens``, a third
-of them behind a shared prefix so that prefix caching is exercised) with a random output length (``ignore_eos``) and
-a random per-request ``nq_eviction`` (none, a preset or a number). A client either reads the stream to the end,
-disconnects after a random number of chunks, or cancels the request at a random moment (its deadline); vLLM aborts
-a request whose client went away, so both are aborts.
+passed. Requests are reproducible from ``--seed``; each is one of
+
+* a streamed **completion** of a random corpus excerpt (token ids, ``SoakConfig.prompt_tokens``, a third of them
+  behind a shared prefix so that prefix caching is exercised) or a streamed **chat** completion of an excerpt (its
+  text as the user's message), with a random output length (``ignore_eos``), a random per-request ``nq_eviction``
+  (none, a preset or a number), sometimes ``nq_eviction_protect`` ranges and ``nq_eviction_at``; the client reads
+  the stream to the end, disconnects after a random number of chunks, or cancels at a random moment (vLLM aborts a
+  request whose client went away, so both are aborts);
+* an **invalid** request (bad ``nq_*`` values, too many protected ranges, a prompt over ``max_model_len``, a
+  negative ``max_tokens``), which must get HTTP 400;
+* a **checked** request: one of ``SoakConfig.checked_prompts`` fixed greedy prompts behind the shared prefix, whose
+  tokens are compared with a reference run of the same prompt alone on an empty prefix cache before the load.
+  Under load the prompt may be prefilled in other chunks or hit the prefix cache, and an e8 cache then reads
+  quantized pages where the reference attended over exact K/V, so a token may flip where the reference's top two
+  were close: at the first differing position the output is a *near tie* if its token is within
+  ``SoakConfig.tie_margin`` nats of the reference's (in the reference's top 5), else *wrong*: a page read from
+  the wrong place (a freed, compacted or reused block) shows up as that.
 
 Pass criteria (each checked and reported): the server process never exits and ``/health`` answers 200 at the end;
 zero 5xx and zero other errors; every request that was not aborted ends with ``[DONE]``, ``finish_reason=length``
-and exactly ``max_tokens`` tokens; after the load drains no KV block is held (``vllm:kv_cache_usage_perc`` back to its
-initial value, and ``/reset_prefix_cache`` succeeds, which vLLM refuses while any block is still referenced;
-vLLM's v1 pool counts prefix-cached blocks of finished requests as free, so a cached block is not a leak); the greedy
-output of a fixed probe, run alone with an empty prefix cache, is identical before and after; the RSS of the
-server's process tree after the load drains exceeds its value at the end of the warm-up (the first quarter of
-the requests) by at most ``SoakConfig.rss_growth_bound_mib`` (256 MiB).
+and exactly ``max_tokens`` tokens; every invalid request gets a 400; no checked output is wrong; after the load
+drains no KV block is held (``vllm:kv_cache_usage_perc`` back to its initial value, and ``/reset_prefix_cache``
+succeeds, which vLLM refuses while any block is still referenced; vLLM's v1 pool counts prefix-cached blocks of
+finished requests as free, so a cached block is not a leak) and the connector keeps no per-request entry
+(``vllm:nq_eviction_tracked_requests`` and ``vllm:nq_eviction_pending_compactions`` back to 0); the greedy output
+of a fixed probe, run alone with an empty prefix cache, is identical before and after; the RSS of the server's
+process tree grows by less than ``SoakConfig.rss_slope_bound_mib`` per finished request after the warm-up (the
+first quarter of the requests), the slope of a least-squares line through the samples.
 
 Reported: requests by outcome, preemptions (``vllm:num_preemptions``), evictions (the connector's log lines), errors
-by kind, blocks leaked, peak and growth of RSS, peak KV usage; JSON, a markdown table and a plot of RSS and KV usage
-over time in ``benchmarks/results/soak.*``.
+by kind, blocks leaked, RSS per process over time, the connector's per-request entries over time, peak KV usage;
+JSON, a markdown table and a plot of RSS, KV usage and connector entries over time in ``benchmarks/results/soak.*``.
 
     python -m benchmarks.soak [--requests 200] [--duration 600] [--concurrency 8] [--num-blocks 48] [--seed 0]
 """
@@ -64,6 +78,17 @@ PROBE_PROMPT = (
 )
 RATES = (None, "lossless", "conservative", "balanced", 0.2)  # per-request nq_eviction (None: the server default)
 EVICTION_LOG = "nexusquant eviction: request"
+CHECKED_TOP = 5  # top logprobs of the checked requests' reference
+INVALID_REQUESTS = (  # what each invalid request changes in a valid body; every one must get a 400
+    {"vllm_xargs": {"nq_eviction": "half"}},
+    {"vllm_xargs": {"nq_eviction": 1.5}},
+    {"vllm_xargs": {"nq_eviction_protect": [0, 1] * 2000}},
+    {"vllm_xargs": {"nq_eviction_protect": [64, 8]}},
+    {"vllm_xargs": {"nq_eviction_at": 0}},
+    {"vllm_xargs": {"nq_typo": 1}},
+    {"max_tokens": -1},
+    {"prompt": "too long"},  # replaced by a prompt of max_model_len + 1 tokens
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +102,15 @@ class SoakConfig:
     disconnect_prob: float = 0.15
     cancel_prob: float = 0.1
     cancel_after_s: tuple[float, float] = (0.1, 6.0)
+    chat_prob: float = 0.2
+    invalid_prob: float = 0.05
+    checked_prob: float = 0.1
+    protect_prob: float = 0.3  # of the valid requests with a prompt over min_prompt_tokens
+    eviction_at_prob: float = 0.2
+    checked_prompts: int = 8
+    checked_suffix_tokens: tuple[int, int] = (48, 128)
+    checked_tokens: int = 24
+    tie_margin: float = 1.0  # nats
     # server
     kv_cache_dtype: str = "e8-k3v2"
     eviction: str = "conservative"
@@ -86,10 +120,11 @@ class SoakConfig:
     max_num_seqs: int = 8
     max_model_len: int = 752  # at most (num_blocks - 1) * block_size: block 0 is vLLM's null block
     kv_space_gib: str = "1"
+    chat_template_tokens: int = 64  # room left for the chat template around a chat request's message
     # checks
     probe_tokens: int = 24
     warmup_fraction: float = 0.25
-    rss_growth_bound_mib: float = 256.0
+    rss_slope_bound_mib: float = 0.1  # per finished request, after the warm-up
     drain_timeout_s: float = 120.0
     sample_interval_s: float = 1.0
     seed: int = 0
@@ -159,35 +194,45 @@ def server_env(cfg: SoakConfig) -> dict[str, str]:
 
 # ---- metrics and memory --------------------------------------------------------------------------------------------
 
+GAUGES = {"vllm:kv_cache_usage_perc": "kv_usage", "vllm:num_requests_running": "running",
+          "vllm:num_requests_waiting": "waiting", "vllm:num_preemptions_total": "preemptions",
+          "vllm:nq_eviction_tracked_requests": "tracked_requests",
+          "vllm:nq_eviction_pending_compactions": "pending_compactions"}
+
+
 def parse_metrics(text: str) -> dict[str, Any]:
-    """The vLLM gauges and counters the soak reads from ``/metrics`` (one engine)."""
-    values: dict[str, Any] = {}
+    """The vLLM gauges and counters the soak reads from ``/metrics`` (one engine); the connector's gauges are 0
+    until it first reports them."""
+    values: dict[str, Any] = {"tracked_requests": 0.0, "pending_compactions": 0.0}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "vllm:cache_config_info":
                 values["num_gpu_blocks"] = int(sample.labels["num_gpu_blocks"])
-            elif sample.name in ("vllm:kv_cache_usage_perc", "vllm:num_requests_running",
-                                 "vllm:num_requests_waiting", "vllm:num_preemptions_total"):
-                values[sample.name.removeprefix("vllm:")] = sample.value
+            elif sample.name in GAUGES:
+                values[GAUGES[sample.name]] = sample.value
     return values
 
 
-def tree_rss_mib(pid: int) -> float:
-    """Resident memory of a process and all its descendants (API server, engine core, worker)."""
+def process_rss_mib(pid: int) -> dict[str, float]:
+    """Resident memory of a process and each of its descendants (API server, engine core with its worker, ...),
+    keyed ``name[pid]``."""
+    rss = {}
     proc = psutil.Process(pid)
-    total = 0
     for p in [proc, *proc.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess):
-            total += p.memory_info().rss
-    return total / 2**20
+            rss[f"{p.name()}[{p.pid}]"] = p.memory_info().rss / 2**20
+    return rss
 
 
 class Sample(NamedTuple):
     t: float
-    rss_mib: float
+    rss_mib: float  # the whole tree
+    rss_by_process: dict[str, float]
     kv_usage: float
     running: float
     waiting: float
+    tracked_requests: float
+    pending_compactions: float
     finished: int
 
 
@@ -195,52 +240,137 @@ class Sample(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class RequestSpec:
-    prompt: list[int]
+    kind: str  # "completion", "chat", "invalid" or "checked"
+    prompt: list[int] | str  # token ids; the user message of a chat request
     max_tokens: int
-    eviction: str | float | None
-    behaviour: str  # "complete", "disconnect" (after `stop_after` chunks) or "cancel" (after `stop_after` seconds)
-    stop_after: float
+    xargs: dict[str, Any]  # vllm_xargs
+    behaviour: str = "complete"  # or "disconnect" (after `stop_after` chunks), "cancel" (after `stop_after` s)
+    stop_after: float = 0.0
+    invalid: int = -1  # index into INVALID_REQUESTS
+    checked: int = -1  # index into the checked prompts
 
 
-def make_specs(cfg: SoakConfig, corpus_ids: list[int]) -> list[RequestSpec]:
-    """``cfg.requests`` random requests (reproducible from ``cfg.seed``)."""
+def checked_prompts(cfg: SoakConfig, corpus_ids: list[int], shared: list[int]) -> list[list[int]]:
+    """The fixed greedy prompts whose outputs are checked: the shared prefix, then an excerpt of their own."""
+    rng = random.Random(cfg.seed + 1)
+    prompts = []
+    for _ in range(cfg.checked_prompts):
+        n = rng.randint(*cfg.checked_suffix_tokens)
+        start = rng.randrange(len(corpus_ids) - n)
+        prompts.append(shared + corpus_ids[start : start + n])
+    return prompts
+
+
+def make_specs(cfg: SoakConfig, corpus_ids: list[int], shared: list[int], decode) -> list[RequestSpec]:
+    """``cfg.requests`` random requests (reproducible from ``cfg.seed``); ``decode`` turns token ids into the text
+    of a chat message."""
     rng = random.Random(cfg.seed)
-    start = rng.randrange(len(corpus_ids) - cfg.shared_prefix_tokens)
-    shared = corpus_ids[start : start + cfg.shared_prefix_tokens]
     specs = []
     for _ in range(cfg.requests):
+        u = rng.random()
+        if u < cfg.invalid_prob:
+            specs.append(RequestSpec("invalid", [42] * 8, 4, {}, invalid=rng.randrange(len(INVALID_REQUESTS))))
+            continue
+        if u < cfg.invalid_prob + cfg.checked_prob:
+            specs.append(RequestSpec("checked", [], cfg.checked_tokens, {"nq_eviction": 0.0},
+                                     checked=rng.randrange(cfg.checked_prompts)))
+            continue
+        chat = u < cfg.invalid_prob + cfg.checked_prob + cfg.chat_prob
         max_tokens = rng.randint(*cfg.output_tokens)
-        n = min(rng.randint(*cfg.prompt_tokens), cfg.max_model_len - max_tokens)
+        room = cfg.max_model_len - max_tokens - (cfg.chat_template_tokens if chat else 0)
+        n = min(rng.randint(*cfg.prompt_tokens), room)
         start = rng.randrange(len(corpus_ids) - n)
         prompt = corpus_ids[start : start + n]
-        if rng.random() < 1 / 3 and n > cfg.shared_prefix_tokens:
+        if not chat and rng.random() < 1 / 3 and n > cfg.shared_prefix_tokens:
             prompt = shared + prompt[cfg.shared_prefix_tokens :]
-        u = rng.random()
-        if u < cfg.disconnect_prob:
-            behaviour, stop_after = "disconnect", rng.randint(1, max(1, max_tokens - 1))
-        elif u < cfg.disconnect_prob + cfg.cancel_prob:
-            behaviour, stop_after = "cancel", rng.uniform(*cfg.cancel_after_s)
-        else:
-            behaviour, stop_after = "complete", 0.0
-        specs.append(RequestSpec(prompt, max_tokens, rng.choice(RATES), behaviour, stop_after))
+        behaviour, stop_after = _behaviour(cfg, rng, max_tokens)
+        specs.append(RequestSpec("chat" if chat else "completion", decode(prompt) if chat else prompt, max_tokens,
+                                 _xargs(cfg, rng, n), behaviour, stop_after))
     return specs
 
 
-def completion_body(prompt: str | list[int], max_tokens: int, eviction: str | float | None = None,
+def _behaviour(cfg: SoakConfig, rng: random.Random, max_tokens: int) -> tuple[str, float]:
+    u = rng.random()
+    if u < cfg.disconnect_prob:
+        return "disconnect", rng.randint(1, max(1, max_tokens - 1))
+    if u < cfg.disconnect_prob + cfg.cancel_prob:
+        return "cancel", rng.uniform(*cfg.cancel_after_s)
+    return "complete", 0.0
+
+
+def _xargs(cfg: SoakConfig, rng: random.Random, n: int) -> dict[str, Any]:
+    """A random per-request eviction: a rate or preset, and on long enough prompts protected ranges and an
+    eviction point (of a chat request: within its message's tokens, so always inside the prompt)."""
+    xargs: dict[str, Any] = {}
+    if (rate := rng.choice(RATES)) is not None:
+        xargs["nq_eviction"] = rate
+    if n > cfg.min_prompt_tokens:
+        if rng.random() < cfg.protect_prob:
+            starts = sorted(rng.sample(range(n), rng.randint(1, 4)))
+            # flat [s0, e0, s1, e1, ...]: vLLM's HTTP schema takes lists of numbers, not nested lists
+            xargs["nq_eviction_protect"] = [x for s in starts for x in (s, min(n, s + rng.randint(1, 48)))]
+        if rng.random() < cfg.eviction_at_prob:
+            xargs["nq_eviction_at"] = rng.randint(cfg.min_prompt_tokens, n)
+    return xargs
+
+
+def completion_body(prompt: str | list[int], max_tokens: int, xargs: dict[str, Any] | None = None,
                     stream: bool = False) -> dict[str, Any]:
     body: dict[str, Any] = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
                             "ignore_eos": True}
     if stream:
         body.update(stream=True, stream_options={"include_usage": True})
-    if eviction is not None:
-        body["vllm_xargs"] = {"nq_eviction": eviction}
+    if xargs:
+        body["vllm_xargs"] = xargs
     return body
 
 
-async def run_request(client: httpx.AsyncClient, spec: RequestSpec) -> str:
-    """Send one streaming request and behave as ``spec`` says; the outcome: ``completed``, ``disconnected``,
-    ``cancelled`` or an error kind (``http_<status>``, ``stream_error_<code>``, ``incomplete_stream``,
-    ``wrong_length``, the name of an httpx exception)."""
+def chat_body(message: str, max_tokens: int, xargs: dict[str, Any]) -> dict[str, Any]:
+    body = completion_body(message, max_tokens, xargs, stream=True)
+    body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
+    return body
+
+
+def invalid_body(spec: RequestSpec, cfg: SoakConfig) -> dict[str, Any]:
+    body = {**completion_body(spec.prompt, spec.max_tokens), **INVALID_REQUESTS[spec.invalid]}
+    if body["prompt"] == "too long":
+        body["prompt"] = [42] * (cfg.max_model_len + 1)
+    return body
+
+
+class Checked(NamedTuple):
+    """A checked prompt's reference: its greedy tokens (``token_id:N``) and each position's top logprobs."""
+
+    prompt: list[int]
+    tokens: list[str]
+    top: list[dict[str, float]]
+
+
+def checked_body(prompt: list[int], max_tokens: int, top: int) -> dict[str, Any]:
+    return {**completion_body(prompt, max_tokens, {"nq_eviction": 0.0}), "logprobs": top,
+            "return_tokens_as_token_ids": True}
+
+
+def compare_checked(ref: Checked, tokens: list[str], tie_margin: float) -> tuple[str, float | None]:
+    """``identical``, ``near_tie`` or ``wrong`` (see the module docstring), and the reference's logprob gap between
+    its token and the output's at the first difference."""
+    for i, (want, got) in enumerate(zip(ref.tokens, tokens)):
+        if want != got:
+            gap = ref.top[i][want] - ref.top[i].get(got, float("-inf"))
+            return ("near_tie" if gap <= tie_margin else "wrong"), gap
+    return ("identical" if len(tokens) == len(ref.tokens) else "wrong"), None
+
+
+async def run_request(client: httpx.AsyncClient, spec: RequestSpec, cfg: SoakConfig,
+                      references: list[Checked]) -> str:
+    """Send one request and behave as ``spec`` says; the outcome: ``completed``, ``disconnected``, ``cancelled``,
+    ``rejected`` (an invalid request's 400), ``checked_identical``, ``checked_near_tie`` or an error kind
+    (``http_<status>``, ``stream_error_<code>``, ``incomplete_stream``, ``wrong_length``, ``accepted_invalid``,
+    ``checked_wrong``, the name of an httpx exception)."""
+    if spec.kind == "invalid":
+        return await _invalid(client, spec, cfg)
+    if spec.kind == "checked":
+        return await _checked(client, references[spec.checked], cfg)
     request = _stream(client, spec)
     if spec.behaviour != "cancel":
         return await request
@@ -250,12 +380,39 @@ async def run_request(client: httpx.AsyncClient, spec: RequestSpec) -> str:
         return "cancelled"
 
 
+async def _invalid(client: httpx.AsyncClient, spec: RequestSpec, cfg: SoakConfig) -> str:
+    try:
+        resp = await client.post("/v1/completions", json=invalid_body(spec, cfg))
+    except httpx.HTTPError as e:
+        return type(e).__name__
+    if resp.status_code == 400:
+        return "rejected"
+    return "accepted_invalid" if resp.status_code == 200 else f"http_{resp.status_code}"
+
+
+async def _checked(client: httpx.AsyncClient, ref: Checked, cfg: SoakConfig) -> str:
+    try:
+        resp = await client.post("/v1/completions", json=checked_body(ref.prompt, len(ref.tokens), 0))
+    except httpx.HTTPError as e:
+        return type(e).__name__
+    if resp.status_code != 200:
+        tqdm.write(f"checked request: HTTP {resp.status_code}: {resp.text[:300]!r}")
+        return f"http_{resp.status_code}"
+    verdict, gap = compare_checked(ref, resp.json()["choices"][0]["logprobs"]["tokens"], cfg.tie_margin)
+    if gap is not None:
+        tqdm.write(f"checked request: {verdict}, reference logprob gap {gap:.3f} at the first differing token")
+    return f"checked_{verdict}"
+
+
 async def _stream(client: httpx.AsyncClient, spec: RequestSpec) -> str:
-    body = completion_body(spec.prompt, spec.max_tokens, spec.eviction, stream=True)
+    chat = spec.kind == "chat"
+    body = chat_body(spec.prompt, spec.max_tokens, spec.xargs) if chat else completion_body(
+        spec.prompt, spec.max_tokens, spec.xargs, stream=True)
     chunks, finish, usage, done = 0, None, None, False
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as resp:
+        async with client.stream("POST", "/v1/chat/completions" if chat else "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
+                tqdm.write(f"{spec.kind} request: HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
                 return f"http_{resp.status_code}"
             async for line in resp.aiter_lines():
                 if not line.startswith("data: "):
@@ -286,13 +443,29 @@ async def reset_prefix_cache(client: httpx.AsyncClient) -> bool:
     return resp.json()["success"]
 
 
+async def _reset_or_raise(client: httpx.AsyncClient, what: str) -> None:
+    if not await reset_prefix_cache(client):
+        raise RuntimeError(f"the prefix cache could not be reset before {what}: some KV block is still held")
+
+
 async def probe(client: httpx.AsyncClient, cfg: SoakConfig) -> str:
     """The fixed greedy probe on an empty prefix cache (so that it is computed, not read from cached pages)."""
-    if not await reset_prefix_cache(client):
-        raise RuntimeError("the prefix cache could not be reset before the probe: some KV block is still held")
+    await _reset_or_raise(client, "the probe")
     resp = await client.post("/v1/completions", json=completion_body(PROBE_PROMPT, cfg.probe_tokens))
     resp.raise_for_status()
     return resp.json()["choices"][0]["text"]
+
+
+async def references(client: httpx.AsyncClient, cfg: SoakConfig, prompts: list[list[int]]) -> list[Checked]:
+    """Each checked prompt alone on an empty prefix cache: its greedy tokens and top logprobs."""
+    refs = []
+    for prompt in prompts:
+        await _reset_or_raise(client, "a reference")
+        resp = await client.post("/v1/completions", json=checked_body(prompt, cfg.checked_tokens, CHECKED_TOP))
+        resp.raise_for_status()
+        logprobs = resp.json()["choices"][0]["logprobs"]
+        refs.append(Checked(prompt, logprobs["tokens"], logprobs["top_logprobs"]))
+    return refs
 
 
 # ---- the soak ------------------------------------------------------------------------------------------------------
@@ -308,12 +481,14 @@ async def _sampler(client: httpx.AsyncClient, server: Server, cfg: SoakConfig, o
     while server.proc.poll() is None:
         with contextlib.suppress(httpx.HTTPError, psutil.Error):
             m = await _metrics(client)
-            samples.append(Sample(time.monotonic() - t0, tree_rss_mib(server.proc.pid), m["kv_cache_usage_perc"],
-                                  m["num_requests_running"], m["num_requests_waiting"], len(outcomes)))
+            rss = process_rss_mib(server.proc.pid)
+            samples.append(Sample(time.monotonic() - t0, sum(rss.values()), rss, m["kv_usage"], m["running"],
+                                  m["waiting"], m["tracked_requests"], m["pending_compactions"], len(outcomes)))
         await asyncio.sleep(cfg.sample_interval_s)
 
 
-async def _load(client: httpx.AsyncClient, specs: list[RequestSpec], cfg: SoakConfig, outcomes: list[str]) -> None:
+async def _load(client: httpx.AsyncClient, specs: list[RequestSpec], cfg: SoakConfig, refs: list[Checked],
+                outcomes: list[str]) -> None:
     """``cfg.concurrency`` clients take the next spec until none is left or the time is up."""
     queue = iter(specs)
     deadline = time.monotonic() + cfg.duration_s
@@ -323,7 +498,7 @@ async def _load(client: httpx.AsyncClient, specs: list[RequestSpec], cfg: SoakCo
         for spec in queue:
             if time.monotonic() > deadline:
                 return
-            outcomes.append(await run_request(client, spec))
+            outcomes.append(await run_request(client, spec, cfg, refs))
             bar.update()
             bar.set_postfix(Counter(outcomes), refresh=False)
 
@@ -338,12 +513,13 @@ async def _drain(client: httpx.AsyncClient, cfg: SoakConfig) -> dict[str, Any]:
     while True:
         await client.post("/v1/completions", json=completion_body("Hello", 1))
         m = await _metrics(client)
-        if (m["num_requests_running"] == 0 and m["num_requests_waiting"] == 0) or time.monotonic() > deadline:
+        if (m["running"] == 0 and m["waiting"] == 0) or time.monotonic() > deadline:
             return m
         await asyncio.sleep(2)
 
 
-async def soak(server: Server, cfg: SoakConfig, specs: list[RequestSpec]) -> dict[str, Any]:
+async def soak(server: Server, cfg: SoakConfig, specs: list[RequestSpec],
+               checked: list[list[int]]) -> dict[str, Any]:
     """Run the load against ``server`` and measure everything the pass criteria need."""
     timeout = httpx.Timeout(300.0, connect=10.0)
     limits = httpx.Limits(max_connections=cfg.concurrency + 4)
@@ -351,11 +527,11 @@ async def soak(server: Server, cfg: SoakConfig, specs: list[RequestSpec]) -> dic
     samples: list[Sample] = []
     async with httpx.AsyncClient(base_url=server.url, timeout=timeout, limits=limits) as client:
         probe_before = await probe(client, cfg)
+        refs = await references(client, cfg, checked)
         initial = await _metrics(client)
-        rss_initial = tree_rss_mib(server.proc.pid)
         t0 = time.monotonic()
         sampler = asyncio.create_task(_sampler(client, server, cfg, outcomes, samples, t0))
-        await _load(client, specs, cfg, outcomes)
+        await _load(client, specs, cfg, refs, outcomes)
         load_s = time.monotonic() - t0
         if server.proc.poll() is not None:
             raise RuntimeError(f"the server died during the soak (exit code {server.proc.returncode}), outcomes "
@@ -365,45 +541,57 @@ async def soak(server: Server, cfg: SoakConfig, specs: list[RequestSpec]) -> dic
         sampler.cancel()
         reset_ok = await reset_prefix_cache(client)
         probe_after = await probe(client, cfg) if reset_ok else None
-        rss_final = tree_rss_mib(server.proc.pid)
     health = _healthy(server.url)
-    return summarize(cfg, outcomes, samples, initial, final, rss_initial, rss_final, load_s,
-                     alive=server.proc.poll() is None and health, reset_ok=reset_ok,
-                     probe_identical=probe_before == probe_after, evictions=server.log.read_text().count(EVICTION_LOG))
+    return summarize(cfg, outcomes, samples, initial, final, load_s, alive=server.proc.poll() is None and health,
+                     reset_ok=reset_ok, probe_identical=probe_before == probe_after,
+                     evictions=server.log.read_text().count(EVICTION_LOG))
+
+
+def rss_slope(samples: list[Sample], after: int) -> dict[str, float]:
+    """MiB per finished request of a least-squares line through the samples once ``after`` requests finished: of
+    the whole tree (``total``) and of each process."""
+    import numpy as np
+
+    tail = [s for s in samples if s.finished >= after]
+    if len({s.finished for s in tail}) < 2:
+        return {"total": 0.0}
+    x = np.array([s.finished for s in tail], dtype=np.float64)
+    series = {"total": [s.rss_mib for s in tail]}
+    for name in tail[-1].rss_by_process:
+        if all(name in s.rss_by_process for s in tail):
+            series[name] = [s.rss_by_process[name] for s in tail]
+    return {name: float(np.polyfit(x, np.array(y), 1)[0]) for name, y in series.items()}
 
 
 def summarize(cfg: SoakConfig, outcomes: list[str], samples: list[Sample], initial: dict, final: dict,
-              rss_initial: float, rss_final: float, load_s: float, alive: bool, reset_ok: bool,
-              probe_identical: bool, evictions: int) -> dict[str, Any]:
+              load_s: float, alive: bool, reset_ok: bool, probe_identical: bool, evictions: int) -> dict[str, Any]:
     counts = Counter(outcomes)
-    errors = {k: v for k, v in counts.items() if k not in ("completed", "disconnected", "cancelled")}
+    ok = ("completed", "disconnected", "cancelled", "rejected", "checked_identical", "checked_near_tie")
+    errors = {k: v for k, v in counts.items() if k not in ok}
     usable = final["num_gpu_blocks"] - 1  # vLLM's usage excludes the null block
-    leaked = round((final["kv_cache_usage_perc"] - initial["kv_cache_usage_perc"]) * usable)
-    warm = next((s for s in samples if s.finished >= cfg.warmup_fraction * len(outcomes)), None)
-    rss_warm = warm.rss_mib if warm else rss_initial
-    rss_peak = max([rss_initial, rss_final, *(s.rss_mib for s in samples)])
+    warm_after = int(cfg.warmup_fraction * len(outcomes))
+    warm = next((s for s in samples if s.finished >= warm_after), None)
     result = {
         "requests_sent": len(outcomes),
-        "completed": counts["completed"],
-        "disconnected": counts["disconnected"],
-        "cancelled": counts["cancelled"],
+        **{k: counts[k] for k in ok},
         "errors": errors,
         "http_5xx": sum(v for k, v in errors.items() if k.startswith(("http_5", "stream_error_5"))),
-        "preemptions": int(final["num_preemptions_total"] - initial["num_preemptions_total"]),
+        "preemptions": int(final["preemptions"] - initial["preemptions"]),
         "evictions_logged": evictions,
-        "blocks_leaked": leaked,
+        "blocks_leaked": round((final["kv_usage"] - initial["kv_usage"]) * usable),
+        "connector_entries_final": {k: final[k] for k in ("tracked_requests", "pending_compactions")},
+        "connector_entries_peak": max((s.tracked_requests for s in samples), default=0.0),
         "num_gpu_blocks": final["num_gpu_blocks"],
-        "kv_usage_initial": initial["kv_cache_usage_perc"],
-        "kv_usage_final": final["kv_cache_usage_perc"],
+        "kv_usage_initial": initial["kv_usage"],
+        "kv_usage_final": final["kv_usage"],
         "kv_usage_peak": max((s.kv_usage for s in samples), default=0.0),
         "prefix_cache_reset_ok": reset_ok,
         "server_alive": alive,
         "probe_identical": probe_identical,
-        "rss_initial_mib": rss_initial,
-        "rss_after_warmup_mib": rss_warm,
-        "rss_final_mib": rss_final,
-        "rss_peak_mib": rss_peak,
-        "rss_growth_after_warmup_mib": rss_final - rss_warm,
+        "rss_after_warmup_mib": warm.rss_mib if warm else None,
+        "rss_final_mib": samples[-1].rss_mib if samples else None,
+        "rss_peak_mib": max((s.rss_mib for s in samples), default=0.0),
+        "rss_slope_mib_per_request": rss_slope(samples, warm_after),
         "load_seconds": load_s,
         "config": dataclasses.asdict(cfg),
         "samples": [s._asdict() for s in samples],
@@ -417,11 +605,13 @@ def pass_checks(r: dict[str, Any], cfg: SoakConfig) -> dict[str, bool]:
     return {
         "no server crash": r["server_alive"],
         "no 5xx": r["http_5xx"] == 0,
-        "no errors (every non-aborted request completed)": not r["errors"],
+        "no errors (every non-aborted request completed, every invalid one got a 400, no checked output wrong)":
+            not r["errors"],
         "no leaked blocks": r["blocks_leaked"] == 0 and r["prefix_cache_reset_ok"],
+        "no connector entry left": not any(r["connector_entries_final"].values()),
         "probe identical before/after": r["probe_identical"],
-        f"RSS growth after warm-up <= {cfg.rss_growth_bound_mib:g} MiB": (
-            r["rss_growth_after_warmup_mib"] <= cfg.rss_growth_bound_mib
+        f"RSS slope after warm-up < {cfg.rss_slope_bound_mib:g} MiB per request": (
+            r["rss_slope_mib_per_request"]["total"] < cfg.rss_slope_bound_mib
         ),
     }
 
@@ -434,34 +624,44 @@ def run_soak(model: str, cfg: SoakConfig, log: Path) -> dict[str, Any]:
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     text = load_corpus_text()
-    offset = random.Random(cfg.seed).randrange(len(text) // 2)  # 400K characters: enough distinct excerpts
+    rng = random.Random(cfg.seed)
+    offset = rng.randrange(len(text) // 2)  # 400K characters: enough distinct excerpts
     corpus_ids = tokenizer.encode(text[offset : offset + 400_000], add_special_tokens=False)
-    specs = make_specs(cfg, corpus_ids)
+    start = rng.randrange(len(corpus_ids) - cfg.shared_prefix_tokens)
+    shared = corpus_ids[start : start + cfg.shared_prefix_tokens]
+    specs = make_specs(cfg, corpus_ids, shared, tokenizer.decode)
+    checked = checked_prompts(cfg, corpus_ids, shared)
     with launch_server(model, server_args(cfg), log, server_env(cfg)) as server:
-        return asyncio.run(soak(server, cfg, specs))
+        return asyncio.run(soak(server, cfg, specs, checked))
 
 
 # ---- report --------------------------------------------------------------------------------------------------------
 
 def markdown(r: dict[str, Any], command: str) -> str:
     errors = ", ".join(f"{k}: {v}" for k, v in sorted(r["errors"].items())) or "none"
+    slope = r["rss_slope_mib_per_request"]
+    per_process = ", ".join(f"{k} {v:+.3f}" for k, v in slope.items() if k != "total")
     rows = [
         ("requests sent", r["requests_sent"]),
         ("completed (full length, `[DONE]`)", r["completed"]),
         ("aborted: client disconnected mid-stream", r["disconnected"]),
         ("aborted: client cancelled (deadline)", r["cancelled"]),
+        ("invalid requests refused with 400", r["rejected"]),
+        ("checked greedy outputs: identical / near tie / wrong",
+         f"{r['checked_identical']} / {r['checked_near_tie']} / {r['errors'].get('checked_wrong', 0)}"),
         ("errors by kind", errors),
         ("HTTP 5xx", r["http_5xx"]),
         ("preemptions (`vllm:num_preemptions`)", r["preemptions"]),
         ("requests with eviction (connector log)", r["evictions_logged"]),
         ("blocks leaked after drain", f"{r['blocks_leaked']} of {r['num_gpu_blocks']}"
                                       f" (prefix-cache reset {'ok' if r['prefix_cache_reset_ok'] else 'REFUSED'})"),
+        ("connector entries: peak / after drain",
+         f"{r['connector_entries_peak']:.0f} / {sum(r['connector_entries_final'].values()):.0f}"),
         ("peak KV usage", f"{100 * r['kv_usage_peak']:.0f}%"),
         ("server crashes", 0 if r["server_alive"] else 1),
         ("greedy probe before == after", "yes" if r["probe_identical"] else "NO"),
         ("peak RSS (server process tree)", f"{r['rss_peak_mib']:.0f} MiB"),
-        ("RSS growth after warm-up", f"{r['rss_growth_after_warmup_mib']:+.0f} MiB "
-                                     f"(bound {r['config']['rss_growth_bound_mib']:g} MiB)"),
+        ("RSS slope after warm-up (MiB per request)", f"{slope['total']:+.3f} (per process: {per_process})"),
         ("load duration", f"{r['load_seconds']:.0f} s"),
     ]
     lines = ["| soak | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
@@ -475,16 +675,25 @@ def plot(r: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t = [s["t"] for s in r["samples"]]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot(t, [s["rss_mib"] for s in r["samples"]], color="tab:blue")
-    ax.set_xlabel("time since load start (s)")
-    ax.set_ylabel("RSS of server process tree (MiB)", color="tab:blue")
+    samples = r["samples"]
+    t = [s["t"] / 60 for s in samples]
+    fig, (ax, entries) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=(2, 1))
+    ax.plot(t, [s["rss_mib"] for s in samples], color="black", label="whole tree")
+    for name in samples[-1]["rss_by_process"] if samples else ():
+        ax.plot(t, [s["rss_by_process"].get(name, float("nan")) for s in samples], label=name)
+    ax.set_ylabel("RSS (MiB)")
+    ax.legend(loc="center left", fontsize=7)
     kv = ax.twinx()
-    kv.plot(t, [100 * s["kv_usage"] for s in r["samples"]], color="tab:orange", alpha=0.7)
+    kv.plot(t, [100 * s["kv_usage"] for s in samples], color="tab:orange", alpha=0.3)
     kv.set_ylabel("KV cache usage (%)", color="tab:orange")
     kv.set_ylim(0, 105)
-    ax.set_title(f"soak: {r['requests_sent']} requests, {r['preemptions']} preemptions")
+    entries.plot(t, [s["tracked_requests"] for s in samples], label="scheduler request states")
+    entries.plot(t, [s["pending_compactions"] for s in samples], label="worker compaction scores")
+    entries.set_ylabel("connector entries")
+    entries.set_xlabel("time since load start (min)")
+    entries.legend(loc="upper right", fontsize=7)
+    ax.set_title(f"soak: {r['requests_sent']} requests, {r['preemptions']} preemptions, "
+                 f"RSS slope {r['rss_slope_mib_per_request']['total']:+.3f} MiB/request after warm-up")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -512,10 +721,17 @@ def main(argv: list[str] | None = None) -> int:
     result = run_soak(model, cfg, log)
     command = "python -m benchmarks.soak " + " ".join(argv if argv is not None else sys.argv[1:])
     table = markdown(result, command.strip())
-    write_results("soak", {**result, "command": command.strip()}, table)
+    write_results("soak", {**result, "command": command.strip(), "commit": _commit()}, table)
     plot(result, RESULTS_DIR / "soak.png")
     print(table)
     return 0 if result["passed"] else 1
+
+
+def _commit() -> str | None:
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    return None
 
 
 if __name__ == "__main__":

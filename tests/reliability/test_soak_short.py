@@ -1,5 +1,6 @@
 """A short soak: the code path of ``benchmarks/soak.py`` (a real server on loopback, e8-k3v2, eviction on, a tiny
-KV pool, concurrent streaming clients that disconnect and cancel) on a budget that fits CI (about a minute)."""
+KV pool, concurrent streaming and chat clients that disconnect and cancel, invalid requests, checked greedy outputs)
+on a budget that fits CI (about two minutes)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import json
 from benchmarks.soak import SoakConfig, run_soak
 
 SHORT = SoakConfig(
-    requests=10, duration_s=30.0, concurrency=4, prompt_tokens=(16, 96), shared_prefix_tokens=32,
-    output_tokens=(24, 48), disconnect_prob=0.3, cancel_prob=0.2, cancel_after_s=(0.1, 2.0), min_prompt_tokens=48,
-    block_size=16, num_blocks=14, max_num_seqs=4, max_model_len=208, probe_tokens=8, seed=3,
+    requests=16, duration_s=60.0, concurrency=4, prompt_tokens=(16, 96), shared_prefix_tokens=32,
+    output_tokens=(24, 48), disconnect_prob=0.3, cancel_prob=0.2, cancel_after_s=(0.1, 2.0), chat_prob=0.2,
+    invalid_prob=0.15, checked_prob=0.2, checked_prompts=2, checked_suffix_tokens=(16, 32), checked_tokens=8,
+    min_prompt_tokens=48, block_size=16, num_blocks=14, max_num_seqs=4, max_model_len=208, chat_template_tokens=48,
+    probe_tokens=8, rss_slope_bound_mib=64.0, seed=3,
 )
 
 
@@ -22,5 +25,6 @@ def test_soak_short(smollm2_path, tmp_path):
     assert not failed, f"{failed}\n{log.read_text()[-5000:]}"
     # The run must have exercised what it claims to: completions, aborts of both kinds, preemption and eviction.
     assert r["completed"] > 0 and r["disconnected"] > 0 and r["cancelled"] > 0
+    assert r["rejected"] > 0 and r["checked_identical"] + r["checked_near_tie"] > 0
     assert r["preemptions"] > 0, "the 14-block pool (16 tokens each) should have forced preemption"
     assert r["evictions_logged"] > 0, "prompts over min_prompt_tokens should have been evicted"

@@ -168,16 +168,27 @@ def test_generation_coherent_after_35_percent_eviction(engine):
     assert common >= 2, (ref_text, ev_text)  # same start; after that a 135M model may legitimately diverge
 
 
+def _prom_gauge(name: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return sum(s.value for metric in REGISTRY.collect() for s in metric.samples if s.name == name)
+
+
 def test_abort_after_eviction_leaks_nothing(engine):
+    """Neither blocks nor the connector's per-request entries (its Prometheus gauges back to 0)."""
     llm_engine, pool = engine["llm"].llm_engine, engine["pool"]
     free_start = pool.get_num_free_blocks()
     llm_engine.add_request("abort-me", long_prompt(13, "B. "), _sp(0.6, max_tokens=16))
     event = _step_until_evicted(engine, "abort-me")
     assert event["blocks_freed"] > 0
+    assert _prom_gauge("vllm:nq_eviction_tracked_requests") == 1
     llm_engine.abort_request(["abort-me"])
+    llm_engine.add_request("after-abort", "Hello", _sp(0.0, max_tokens=2))  # one more step reports the gauges
     while llm_engine.has_unfinished_requests():
         llm_engine.step()
     assert pool.get_num_free_blocks() == free_start
+    assert _prom_gauge("vllm:nq_eviction_tracked_requests") == 0
+    assert _prom_gauge("vllm:nq_eviction_pending_compactions") == 0
 
 
 def test_preemption_resets_and_redoes_eviction(engine):
@@ -300,6 +311,18 @@ def test_eviction_stats_aggregate_and_reduce():
     assert EvictionStats().is_empty() and not a.is_empty()
     merged = a.aggregate(EvictionStats(data=b.to_dict()))  # as rebuilt from the IPC payload
     assert merged.reduce() == {"requests": 2, "prompt_tokens": 1600, "tokens_evicted": 768, "blocks_freed": 24}
+
+
+def test_eviction_stats_gauges_keep_the_latest_value():
+    from nexusquant_vllm.vllm_glue.eviction.metrics import EvictionStats
+
+    a, b = EvictionStats(), EvictionStats()
+    a.set_gauges(tracked_requests=3, pending_compactions=1)
+    assert not a.is_empty()  # a gauge change alone is reported
+    b.set_gauges(tracked_requests=0, pending_compactions=0)
+    merged = a.aggregate(EvictionStats(data=b.to_dict()))
+    assert merged.reduce() == {"requests": 0, "prompt_tokens": 0, "tokens_evicted": 0, "blocks_freed": 0,
+                               "tracked_requests": 0, "pending_compactions": 0}
 
 
 def test_invalid_server_default_and_env_are_refused(monkeypatch):

@@ -86,16 +86,18 @@ class EvictionMetadata(KVConnectorMetadata):
 
 @dataclass
 class EvictionWorkerMetadata(KVConnectorWorkerMetadata):
-    """Workers -> scheduler: summed token scores of requests whose prompt prefill finished this step."""
+    """Workers -> scheduler: summed token scores of requests whose prompt prefill finished this step, and how many
+    requests' compaction scores the worker keeps (sent when either changed)."""
 
     scores: dict[str, list[float]] = field(default_factory=dict)
+    pending_compactions: int = 0
 
     def aggregate(self, other: "EvictionWorkerMetadata") -> "EvictionWorkerMetadata":
         """Tensor-parallel ranks each score their own heads: add them up."""
         merged = dict(self.scores)
         for req_id, s in other.scores.items():
             merged[req_id] = [a + b for a, b in zip(merged[req_id], s)] if req_id in merged else s
-        return EvictionWorkerMetadata(merged)
+        return EvictionWorkerMetadata(merged, max(self.pending_compactions, other.pending_compactions))
 
 
 @dataclass
@@ -134,10 +136,13 @@ class NQEvictionConnector(KVConnectorBase_V1):
             window = int(extra.get(params.WINDOW_KEY, 32))
             self.collector = ScoreCollector(WindowAttentionScorer(window=window))
             self._rope_looked_up = False
+            self._pending_sent = 0
             compat.wrap_update_states(_on_update_states)
         else:
             self._requests: dict[str, _RequestState] = {}
             self._interval_stats = EvictionStats()
+            self._worker_pending = 0
+            self._gauges_sent: dict[str, int] = {}
             self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)  # the latest evictions, for tests
         logger.info("nexusquant eviction connector (%s): server default %s", role.name, self.default_policy)
 
@@ -156,8 +161,15 @@ class NQEvictionConnector(KVConnectorBase_V1):
         return EvictionPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def get_kv_connector_stats(self) -> EvictionStats | None:
-        """Scheduler: the eviction decisions since the last call (vLLM calls it every step); workers have none."""
-        if self._role != KVConnectorRole.SCHEDULER or self._interval_stats.is_empty():
+        """Scheduler: the eviction decisions since the last call (vLLM calls it every step) and the per-request
+        entry counts if they changed; workers have none."""
+        if self._role != KVConnectorRole.SCHEDULER:
+            return None
+        gauges = {"tracked_requests": len(self._requests), "pending_compactions": self._worker_pending}
+        if gauges != self._gauges_sent:
+            self._interval_stats.set_gauges(**gauges)
+            self._gauges_sent = gauges
+        if self._interval_stats.is_empty():
             return None
         stats, self._interval_stats = self._interval_stats, EvictionStats()
         return stats
@@ -183,10 +195,11 @@ class NQEvictionConnector(KVConnectorBase_V1):
         return
 
     def build_connector_worker_meta(self) -> EvictionWorkerMetadata | None:
-        taken = self.collector.take()
-        if not taken:
+        taken, pending = self.collector.take(), len(self.collector.compactions)
+        if not taken and pending == self._pending_sent:
             return None
-        return EvictionWorkerMetadata({rid: s.tolist() for rid, s in taken.items()})
+        self._pending_sent = pending
+        return EvictionWorkerMetadata({rid: s.tolist() for rid, s in taken.items()}, pending)
 
     def on_update_states(self, runner, scheduler_output: "SchedulerOutput") -> None:
         """After vLLM's ``_update_states``: compact and mirror this step's evictions, then plan this step's scoring."""
@@ -265,6 +278,7 @@ class NQEvictionConnector(KVConnectorBase_V1):
         meta = connector_output.kv_connector_worker_meta
         if not isinstance(meta, EvictionWorkerMetadata):
             return
+        self._worker_pending = meta.pending_compactions
         for req_id, s in meta.scores.items():
             state = self._requests.get(req_id)
             if state is not None and state.stats is None:

@@ -9,7 +9,10 @@ loggers when stats are on (the server default; ``LLM(..., disable_log_stats=Fals
   log interval (:meth:`EvictionStats.reduce`);
 * the Prometheus stat logger registers :class:`EvictionPromMetrics`, so ``/metrics`` of ``vllm serve`` shows, per
   request, the histograms ``vllm:nq_eviction_tokens_evicted``, ``vllm:nq_eviction_blocks_freed`` and
-  ``vllm:nq_eviction_evicted_fraction`` (their ``_sum`` and ``_count`` are the totals and the number of requests).
+  ``vllm:nq_eviction_evicted_fraction`` (their ``_sum`` and ``_count`` are the totals and the number of requests),
+  and the gauges ``vllm:nq_eviction_tracked_requests`` and ``vllm:nq_eviction_pending_compactions``: the entries
+  the connector holds per request (scheduler states; compaction scores kept by the workers until the scheduler's
+  decision). Both return to 0 once no request runs; the soak checks that they do.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorProm
 from vllm.v1.metrics.utils import create_metric_per_engine
 
 FIELDS = ("prompt_tokens", "tokens_evicted", "blocks_freed")
+GAUGES = ("tracked_requests", "pending_compactions")
 TOKEN_BUCKETS = [0, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 BLOCK_BUCKETS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 FRACTION_BUCKETS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
@@ -28,7 +32,8 @@ FRACTION_BUCKETS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
 @dataclass
 class EvictionStats(KVConnectorStats):
-    """``data``: one list per field of :data:`FIELDS`, one entry per eviction decision of the interval."""
+    """``data``: one list per field of :data:`FIELDS`, one entry per eviction decision of the interval, and per
+    gauge of :data:`GAUGES` its latest value (absent: unchanged)."""
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -41,20 +46,27 @@ class EvictionStats(KVConnectorStats):
         for name in FIELDS:
             self.data[name].append(int(stats[name]))
 
+    def set_gauges(self, **values: int) -> None:
+        self.data.update(values)
+
     def aggregate(self, other: KVConnectorStats) -> "EvictionStats":
         for name in FIELDS:
             self.data[name].extend(other.data.get(name, ()))
+        self.data.update({name: other.data[name] for name in GAUGES if name in other.data})  # the later value
         return self
 
     def reduce(self) -> dict[str, int | float]:
-        return {"requests": len(self.data["prompt_tokens"]), **{name: sum(self.data[name]) for name in FIELDS}}
+        gauges = {name: self.data[name] for name in GAUGES if name in self.data}
+        return {"requests": len(self.data["prompt_tokens"]), **{name: sum(self.data[name]) for name in FIELDS},
+                **gauges}
 
     def is_empty(self) -> bool:
-        return not self.data["prompt_tokens"]
+        return not self.data["prompt_tokens"] and not any(name in self.data for name in GAUGES)
 
 
 class EvictionPromMetrics(KVConnectorPromMetrics):
-    """Per-request histograms of tokens evicted, blocks freed and the fraction of the prompt evicted."""
+    """Per-request histograms of tokens evicted, blocks freed and the fraction of the prompt evicted; the gauges
+    of the connector's per-request entries."""
 
     def __init__(self, vllm_config, metric_types, labelnames: list[str], per_engine_labelvalues: dict[int, list]):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
@@ -67,6 +79,21 @@ class EvictionPromMetrics(KVConnectorPromMetrics):
                 "evicted_fraction", "Fraction of the prompt's tokens evicted per request.", FRACTION_BUCKETS
             ),
         }
+        self._gauges = {
+            "tracked_requests": self._gauge(
+                "tracked_requests", "Requests the eviction connector's scheduler half keeps a state for."
+            ),
+            "pending_compactions": self._gauge(
+                "pending_compactions", "Requests whose compaction scores the workers keep until the decision."
+            ),
+        }
+
+    def _gauge(self, name: str, documentation: str) -> dict[int, Any]:
+        metric = self._gauge_cls(
+            name=f"vllm:nq_eviction_{name}", documentation=documentation, labelnames=self._labelnames,
+            multiprocess_mode="mostrecent",
+        )
+        return create_metric_per_engine(metric, self.per_engine_labelvalues)
 
     def _histogram(self, name: str, documentation: str, buckets: list[float]) -> dict[int, Any]:
         metric = self._histogram_cls(
@@ -79,3 +106,6 @@ class EvictionPromMetrics(KVConnectorPromMetrics):
             self._histograms["tokens_evicted"][engine_idx].observe(evicted)
             self._histograms["blocks_freed"][engine_idx].observe(freed)
             self._histograms["evicted_fraction"][engine_idx].observe(evicted / prompt if prompt else 0.0)
+        for name, gauge in self._gauges.items():
+            if name in transfer_stats_data:
+                gauge[engine_idx].set(transfer_stats_data[name])
