@@ -1,14 +1,16 @@
 """GPU benchmark of the Triton kernels at Llama-3-8B shapes (32 query heads, 8 KV heads, head_dim 128), one layer.
 
-    python benchmarks/kernels_gpu.py                 # full sweep on a CUDA GPU -> benchmarks/results/kernels_gpu.*
-    python benchmarks/kernels_gpu.py --dry-run       # tiny smoke run on the CPU under TRITON_INTERPRET=1
+    python -m benchmarks.kernels_gpu                # full sweep on a CUDA GPU -> benchmarks/results/kernels_gpu.*
+    python -m benchmarks.kernels_gpu --dry-run      # tiny smoke run on the CPU under TRITON_INTERPRET=1
+    python -m benchmarks.kernels_gpu --model-only   # static roofline, no GPU -> results/kernels_gpu_roofline.*
 
 Decode attention, batch 1/8/32 x context 1K..128K, for each e8 dtype, for the bf16 paged kernel of the same
 structure (``decode_attention(fmt=None)``), and for torch SDPA over contiguous bf16 K/V (a sanity floor). Reported:
 time per call, bytes the kernel must read (pages + block table), achieved bandwidth and its fraction of the
-device's measured copy bandwidth. Then the fused store kernel (rotate + encode + pack + scatter of a 4K-token prefill's
-K/V) against a proxy of one layer's prefill (its bf16 GEMMs + causal SDPA), and the store of one decode step (one
-token per sequence of the largest batch) replayed from a CUDA graph, which also checks that it is capturable. Then
+device's measured copy bandwidth and of the static roofline (``--model-only``). Then the fused store kernel (rotate + encode + pack + scatter of a 4K-token prefill's
+K/V) against a proxy of one layer's prefill (its bf16 GEMMs + causal SDPA), and one decode step (the store of one
+token per sequence of the largest batch and the decode attention) replayed from a CUDA graph, which also checks
+that both are capturable. Then
 continuation prefill (one request, a chunk of 256..4096 new tokens over 4K..32K cached tokens): the fused kernel
 (``prefill_attention``, pages decoded in registers) against dequantizing the request's pages into a bf16 workspace
 plus torch SDPA, and the crossover chunk size from which the workspace path is faster. Imports only torch, triton,
@@ -30,6 +32,11 @@ from benchmarks.results_io import RESULTS_DIR, write_results
 
 HQ, HK, D, PAGE = 32, 8, 128, 16  # Llama-3-8B attention shapes, vLLM's default page
 HIDDEN, FFN = 4096, 14336
+# HBM bandwidth, dense fp16 tensor-core and fp32 CUDA-core throughput of the lent GPUs (SXM datasheets)
+GPUS = {gpu: {"hbm_bytes_per_s": bw, "fp16_tensor_flops": 989e12, "fp32_flops": 67e12}
+        for gpu, bw in (("H100", 3.35e12), ("H200", 4.8e12))}
+# CUDA-core work per decoded element (the pattern lookup, shifts, sign, shift add, scale fold; stage 2 doubles it)
+DECODE_OPS = {2: 4, 3: 8, 4: 8}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +50,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-contexts", type=int, nargs="+", default=[4096 << i for i in range(4)])  # 4K .. 32K
     p.add_argument("--name", default="kernels_gpu", help="results/<name>.{json,md,png}")
     p.add_argument("--dry-run", action="store_true", help="tiny case on the CPU under TRITON_INTERPRET=1")
+    p.add_argument("--model-only", action="store_true", help="the static roofline only (no GPU needed)")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     return p.parse_args(argv)
+
+
+def decode_step_cost(kernel: str, batch: int, ctx: int) -> dict[str, float]:
+    """Bytes one layer's decode attention must read (pages, scales, block table) and its work: 4 FLOPs per cached
+    element and query head (the two dots, on tensor cores) and, for E8 pages, the decode work per K and V element
+    once per KV head (``DECODE_OPS``, on CUDA cores; the group's query heads share it)."""
+    from nexusquant_vllm.codec import get_format
+
+    elements = batch * ctx * HK * D  # per K (and per V)
+    table = batch * (ctx // PAGE) * 4
+    dots = 2 * 2 * batch * ctx * HQ * D
+    if kernel == "bf16-paged":
+        return {"bytes": 2 * 2 * elements + table, "dot_flops": dots, "decode_ops": 0}
+    fmt = get_format(kernel, D)
+    return {"bytes": batch * ctx * HK * fmt.slot_bytes + table, "dot_flops": dots,
+            "decode_ops": elements * (DECODE_OPS[fmt.k_bits] + DECODE_OPS[fmt.v_bits])}
+
+
+def ideal_ms(cost: dict[str, float], gpu: str) -> float:
+    """Roofline time: the slower of reading the bytes at HBM bandwidth and the work (dots on tensor cores plus
+    the decode on CUDA cores, counted one after the other)."""
+    spec = GPUS[gpu]
+    work = cost["dot_flops"] / spec["fp16_tensor_flops"] + cost["decode_ops"] / spec["fp32_flops"]
+    return 1e3 * max(cost["bytes"] / spec["hbm_bytes_per_s"], work)
+
+
+def roofline(args) -> dict:
+    rows = []
+    for batch in args.batch:
+        for ctx in args.context:
+            for kernel in ["bf16-paged", *args.dtypes]:
+                cost = decode_step_cost(kernel, batch, ctx)
+                rows.append(dict(kernel=kernel, batch=batch, context=ctx, **cost,
+                                 **{f"ideal_ms_{gpu}": ideal_ms(cost, gpu) for gpu in GPUS}))
+    return {"shapes": dict(q_heads=HQ, kv_heads=HK, head_dim=D, page=PAGE), "gpus": GPUS, "decode_ops": DECODE_OPS,
+            "rows": rows}
+
+
+def roofline_markdown(result: dict) -> str:
+    lines = ["# Static roofline of one layer's decode attention, Llama-3-8B shapes (no GPU measured)", "",
+             "`python -m benchmarks.kernels_gpu --model-only`: bytes read and work per decode call; ideal time = "
+             "max(bytes / HBM bandwidth, dot FLOPs / fp16 tensor-core peak + decode ops / fp32 CUDA-core peak).", "",
+             "| kernel | batch | context | MiB read | dot GFLOP | decode Gop | bytes/elem | ideal ms H100 | ideal ms H200 "
+             "| vs bf16 (H100) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["batch"], r["context"]): r for r in result["rows"] if r["kernel"] == "bf16-paged"}
+    for r in result["rows"]:
+        per_elem = r["bytes"] / (2 * r["batch"] * r["context"] * HK * D)
+        speedup = base[(r["batch"], r["context"])]["ideal_ms_H100"] / r["ideal_ms_H100"]
+        lines.append(f"| {r['kernel']} | {r['batch']} | {r['context']} | {r['bytes'] / 2**20:.1f} | "
+                     f"{r['dot_flops'] / 1e9:.2f} | {r['decode_ops'] / 1e9:.2f} | {per_elem:.3f} | {r['ideal_ms_H100']:.4f} | {r['ideal_ms_H200']:.4f} | "
+                     f"{speedup:.2f}x |")
+    return "\n".join(lines)
 
 
 def random_e8_cache(fmt, num_blocks: int, device: str) -> torch.Tensor:
@@ -139,12 +201,19 @@ def decode_cases(args, device: str, copy_bw: float) -> list[dict]:
 
 def _row(kernel: str, batch: int, ctx: int, ms: float, nbytes: int, copy_bw: float) -> dict:
     bw = nbytes / (ms * 1e-3)
-    return dict(kernel=kernel, batch=batch, context=ctx, ms=ms, bytes=nbytes, gbps=bw / 1e9, frac_copy_bw=bw / copy_bw)
+    gpu = next((g for g in GPUS if g in _device_name()), None)
+    ideal = ideal_ms(decode_step_cost(kernel, batch, ctx), gpu) if gpu and kernel != "bf16-sdpa-contiguous" else None
+    return dict(kernel=kernel, batch=batch, context=ctx, ms=ms, bytes=nbytes, gbps=bw / 1e9, frac_copy_bw=bw / copy_bw,
+                frac_roofline=ideal / ms if ideal else None)
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def store_vs_prefill(args, device: str) -> list[dict]:
     """Fused store of one layer's K/V for a prefill vs one layer's prefill proxy (GEMMs + causal SDPA), per dtype;
-    on a GPU also a decode step's store replayed from a CUDA graph."""
+    on a GPU also a decode step (store + decode attention) replayed from a CUDA graph."""
     from nexusquant_vllm.codec import get_format
     from nexusquant_vllm.kernels import store_kv
 
@@ -175,21 +244,34 @@ def store_vs_prefill(args, device: str) -> list[dict]:
         rows.append(dict(dtype=name, tokens=n, store_ms=ms, prefill_layer_ms=prefill_ms, ratio=ms / prefill_ms,
                          decode_batch=max(args.batch), decode_store_graph_ms=decode_ms))
         print(f"store {name}: {ms:.3f} ms vs prefill layer {prefill_ms:.3f} ms ({100 * ms / prefill_ms:.1f}%); "
-              f"decode step of {max(args.batch)} tokens from a CUDA graph {decode_ms:.4f} ms")
+              f"decode step (store + attention, 1K context) of {max(args.batch)} sequences from a CUDA graph "
+              f"{decode_ms:.4f} ms")
     return rows
 
 
 def decode_store_graph_ms(fmt, batch: int, device: str) -> float:
-    """Replay time of a CUDA graph holding the store of one token per sequence (capturing it is the check)."""
-    from nexusquant_vllm.kernels import store_kv
+    """Replay time of a CUDA graph holding one decode step of one layer: the store of one token per sequence and
+    the decode attention over 1K cached tokens (capturing both is the check)."""
+    from nexusquant_vllm.kernels import decode_attention, store_kv
 
+    ctx = 1024
     key, value = torch.randn(2, batch, HK, D, device=device, dtype=torch.bfloat16)
-    slots = torch.arange(batch, device=device) * PAGE
-    cache = torch.zeros(batch, HK, PAGE, fmt.slot_bytes, dtype=torch.uint8, device=device)
-    store_kv(key, value, cache, slots, fmt)  # compiles the kernel and builds its tables before the capture
+    q = torch.randn(batch, HQ, D, device=device, dtype=torch.bfloat16)
+    blocks = ctx // PAGE
+    cache = random_e8_cache(fmt, batch * blocks + 1, device)
+    table = (torch.arange(batch * blocks, device=device) + 1).view(batch, blocks).int()
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+    slots = table[:, -1].long() * PAGE + PAGE - 1  # the last slot of each sequence's last page
+    out = torch.empty_like(q)
+
+    def step():
+        store_kv(key, value, cache, slots, fmt)
+        decode_attention(q, cache, table, lens, D**-0.5, fmt, out=out, max_seq_len=ctx)
+
+    step()  # compiles the kernels and builds their tables before the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        store_kv(key, value, cache, slots, fmt)
+        step()
     return bench(graph.replay, device)
 
 
@@ -268,10 +350,10 @@ def _crossover(rows: list[dict]) -> int | None:
 def markdown(result: dict) -> str:
     lines = [f"# Decode attention, Llama-3-8B shapes, one layer ({result['device']})", "",
              f"Copy bandwidth: {result['copy_gbps']:.0f} GB/s", "",
-             "| kernel | batch | context | ms | GB/s | of copy bw |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['kernel']} | {r['batch']} | {r['context']} | {r['ms']:.4f} | {r['gbps']:.0f} | {r['frac_copy_bw']:.2f} |"
-              for r in result["decode"]]
-    lines += ["", "| store dtype | tokens | store ms | prefill layer ms | ratio | decode batch | decode store ms (graph) |",
+             "| kernel | batch | context | ms | GB/s | of copy bw | of roofline |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['kernel']} | {r['batch']} | {r['context']} | {r['ms']:.4f} | {r['gbps']:.0f} | {r['frac_copy_bw']:.2f} "
+              f"| {'-' if r['frac_roofline'] is None else format(r['frac_roofline'], '.2f')} |" for r in result["decode"]]
+    lines += ["", "| store dtype | tokens | store ms | prefill layer ms | ratio | decode batch | decode step ms (graph) |",
               "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['dtype']} | {r['tokens']} | {r['store_ms']:.3f} | {r['prefill_layer_ms']:.3f} | {r['ratio']:.3f} "
               f"| {r['decode_batch']} | {r['decode_store_graph_ms']:.4f} |" for r in result["store"]]
@@ -311,17 +393,22 @@ def _plot(path: Path, rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.hidden, args.ffn = HIDDEN, FFN
+    if args.model_only:
+        result = roofline(args)
+        json_path, _ = write_results("kernels_gpu_roofline", result, roofline_markdown(result), args.out or RESULTS_DIR)
+        print(roofline_markdown(result))
+        return 0
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
         args.batch, args.context, args.prefill_tokens, args.hidden, args.ffn = [1], [64], 16, 256, 512
         args.prefill_chunks, args.prefill_contexts = [16], [32]
-        args.name, results_dir = "kernels_gpu_dryrun", Path(tempfile.gettempdir())  # never lands in results/
+        args.name, results_dir = "kernels_gpu_dryrun", args.out or Path(tempfile.gettempdir())  # never in results/
         device = "cpu"
     elif not torch.cuda.is_available():
         print("kernels_gpu.py needs a CUDA GPU (none found); use --dry-run for a CPU smoke test.", file=sys.stderr)
         return 2
     else:
-        device, results_dir = "cuda", RESULTS_DIR
+        device, results_dir = "cuda", args.out or RESULTS_DIR
     copy_bw = copy_bandwidth(device)
     result = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu (TRITON_INTERPRET dry run)",
                   copy_gbps=copy_bw / 1e9, max_rel_error_vs_reference=max_rel_error(args.dtypes, device), shapes=dict(q_heads=HQ, kv_heads=HK, head_dim=D, page=PAGE),

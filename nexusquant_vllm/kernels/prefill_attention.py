@@ -37,6 +37,7 @@ import triton.language as tl
 
 from nexusquant_vllm.codec.format import KVFormat
 from nexusquant_vllm.codec.rotation import rotation_matrix
+from nexusquant_vllm.kernels import launch
 from nexusquant_vllm.kernels.decode_attention import LOG2E, MIN_DOT_ROWS, NULL_BLOCK
 from nexusquant_vllm.kernels.e8_decode import _decode_unit, _load_fp16_scale, check_paged_inputs
 from nexusquant_vllm.kernels.tables import e8p_packed_table, res8_flat_table, stage2_step
@@ -171,8 +172,9 @@ def prefill_attention(
       out: optional ``[T, Hq, D]`` output buffer (any float dtype); rows past ``query_start_loc[R]`` are zeroed.
       rotated: query, key, value are already ``x @ R`` and the output stays rotated (implied for bf16 pages).
       max_query_len: the longest query of the batch (host int); without it ``query_start_loc`` is read (a sync).
-      block_m: rows per program, query tokens x GQA group (default 64; power of two >= 16, raised to the group).
-      block_n: context and new tokens per tile (default 32; power of two >= 16).
+      block_m: rows per program, query tokens x GQA group (default ``launch.prefill``; power of two >= 16, raised
+        to the group).
+      block_n: context and new tokens per tile (default ``launch.prefill``; power of two >= 16).
     Returns ``out`` (``[T, Hq, D]``, dtype of ``query`` if ``out`` is None).
     """
     num_tokens, num_q_heads, head_dim = query.shape
@@ -185,8 +187,9 @@ def prefill_attention(
     if num_tokens == 0 or num_reqs == 0:
         return out if out is not None else torch.empty_like(query)
     group = num_q_heads // num_kv_heads
-    block_m = max(block_m or 64, MIN_DOT_ROWS, triton.next_power_of_2(group))
-    block_n = block_n or 32
+    params = launch.prefill(head_dim, fmt)
+    block_m = max(block_m or params.block_m, MIN_DOT_ROWS, triton.next_power_of_2(group))
+    block_n = block_n or params.block_n
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     device = query.device
@@ -206,7 +209,7 @@ def prefill_attention(
         GROUP_SIZE=group, BLOCK_M=block_m, D=head_dim, BLOCK_N=block_n,
         PAGE=page, KV_BITS=16 if fmt is None else 0, K_BITS=k_bits, V_BITS=v_bits,
         V_OFF=fmt.k_code_bytes if fmt else 0, KS_OFF=fmt.k_scale_offset if fmt else 0,
-        VS_OFF=fmt.v_scale_offset if fmt else 0,
+        VS_OFF=fmt.v_scale_offset if fmt else 0, **params.kwargs(),
     )
     result = out_rot if rotated else out_rot @ rot.T
     if out is None:

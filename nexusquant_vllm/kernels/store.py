@@ -1,6 +1,6 @@
 """Store new tokens' K/V into the paged cache: one fused Triton launch rotates, scales, E8-codes, packs and scatters.
 
-Grid ``(cdiv(T, BLOCK_T), Hk, 2)``: a program owns ``BLOCK_T`` tokens of one KV head, for K (axis 2 = 0) or V
+Grid ``(cdiv(T, BLOCK_T), Hk, 2)``: a program owns ``BLOCK_T`` tokens (``launch.store``) of one KV head, for K (axis 2 = 0) or V
 (axis 2 = 1), and
 
 1. loads the vectors (any float dtype, any token/head strides) and rotates them, ``x @ R`` as a ``tl.dot`` in IEEE
@@ -28,6 +28,8 @@ import triton.language as tl
 from nexusquant_vllm.codec.format import KVFormat
 from nexusquant_vllm.codec.quantizer import _TINY, BEAM, FP16_MAX, SCALE_C
 from nexusquant_vllm.codec.rotation import rotation_matrix
+from nexusquant_vllm.config import triton_interpreter
+from nexusquant_vllm.kernels import launch
 from nexusquant_vllm.kernels.e8_encode import quantize_tile
 from nexusquant_vllm.kernels.tables import (
     e8p_packed_table,
@@ -37,10 +39,10 @@ from nexusquant_vllm.kernels.tables import (
     stage2_step,
 )
 
-BLOCK_T = 16  # tokens per program: the M of the rotation's tl.dot (>= 16)
-# Elements of one [groups, CHUNK, 8] search tensor: ~64 fp32 registers per thread at 4 warps on a GPU; the
-# interpreter runs each op as one numpy call, so it takes bigger chunks (fewer calls).
-CHUNK_ELEMENTS = {"cuda": 1 << 13, "cpu": 1 << 16}
+# Elements of one [groups, CHUNK, 8] search tensor: ~32 fp32 registers per thread at 4 warps on a GPU (twice that
+# spills the 3-bit store at head_dim 128 on sm_90: benchmarks/compile_gate.py); the interpreter runs each op as one
+# numpy call, so it takes bigger chunks (fewer calls).
+CHUNK_ELEMENTS = {"gpu": 1 << 12, "interpreter": 1 << 16}
 
 
 @triton.jit
@@ -85,7 +87,9 @@ def _store_u16(ptr, value, mask):
 
 @triton.jit
 def _rotated_tile(src, row_ok, rot_ptr, D: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Vectors at row pointers ``src`` ``[BLOCK_T]`` -> (``x @ R`` float32 ``[BLOCK_T, D]``, row all finite)."""
+    """Vectors at row pointers ``src`` ``[BLOCK_T]`` -> (``x @ R`` float32 ``[BLOCK_T, D]``, row all finite). A tile
+    of 16 rows or more rotates on tensor cores (``tl.dot``, IEEE fp32); a smaller one by broadcast sums over
+    ``BLOCK_K``-wide slices of ``R`` (the dot's M is at least 16)."""
     cols = tl.arange(0, D)
     x_rot = tl.zeros([src.shape[0], D], tl.float32)
     bad = tl.zeros([src.shape[0]], tl.int32)
@@ -93,7 +97,11 @@ def _rotated_tile(src, row_ok, rot_ptr, D: tl.constexpr, BLOCK_K: tl.constexpr):
         kk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(src[:, None] + kk[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
         bad += tl.sum(tl.where(tl.abs(x) < float("inf"), 0, 1), 1)  # NaN compares false
-        x_rot += tl.dot(x, tl.load(rot_ptr + kk[:, None] * D + cols[None, :]), input_precision="ieee")
+        r = tl.load(rot_ptr + kk[:, None] * D + cols[None, :])
+        if src.shape[0] >= 16:
+            x_rot += tl.dot(x, r, input_precision="ieee")
+        else:
+            x_rot += tl.sum(x[:, :, None] * r[None, :, :], 1)
     return x_rot, bad == 0
 
 
@@ -191,9 +199,10 @@ def store_kv(
         return
     key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
     device, head_dim, num_heads = key.device, fmt.head_dim, key.shape[1]
-    groups = BLOCK_T * head_dim // 8
-    chunk = max(2, min(256, CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cuda"]) // (8 * groups)))
-    grid = (triton.cdiv(num_tokens, BLOCK_T), num_heads, 2)
+    params = launch.store(fmt)
+    groups = params.block_t * head_dim // 8
+    chunk = max(2, min(256, CHUNK_ELEMENTS["interpreter" if triton_interpreter() else "gpu"] // (8 * groups)))
+    grid = (triton.cdiv(num_tokens, params.block_t), num_heads, 2)
     _store_kernel[grid](
         key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1),
         slot_mapping, num_tokens,
@@ -201,8 +210,8 @@ def store_kv(
         rotation_matrix(head_dim, device), scale_c_table(fmt.k_bits, device), scale_c_table(fmt.v_bits, device),
         e8p_packed_table(device), res8_flat_table(device),
         stage2_step(fmt.k_bits), stage2_step(fmt.v_bits), _TINY, FP16_MAX,
-        D=head_dim, PAGE=kv_cache.shape[2], BLOCK_T=BLOCK_T, BLOCK_K=min(head_dim, 32), CHUNK=chunk,
+        D=head_dim, PAGE=kv_cache.shape[2], BLOCK_T=params.block_t, BLOCK_K=params.block_k, CHUNK=chunk,
         K_NUM_C=len(SCALE_C[fmt.k_bits]), K_STAGE2=stage2_index_bits(fmt.k_bits), K_BEAM=BEAM[fmt.k_bits],
         V_NUM_C=len(SCALE_C[fmt.v_bits]), V_STAGE2=stage2_index_bits(fmt.v_bits), V_BEAM=BEAM[fmt.v_bits],
-        V_OFF=fmt.k_code_bytes, KS_OFF=fmt.k_scale_offset, VS_OFF=fmt.v_scale_offset,
+        V_OFF=fmt.k_code_bytes, KS_OFF=fmt.k_scale_offset, VS_OFF=fmt.v_scale_offset, **params.kwargs(),
     )

@@ -62,6 +62,23 @@ def test_fused_store_matches_codec(device, name, head_dim):
     assert torch.allclose(mse, ref_mse, rtol=5e-3, atol=0)
 
 
+@pytest.mark.parametrize("name", ["e8-k3v2", "e8-k2v2"])
+def test_head_dim_256_tiles_of_4_and_8_tokens_match_codec(device, name):
+    """head_dim 256 codes 4 (3-bit beam) or 8 tokens per program, rotated without ``tl.dot`` (``launch.store``):
+    18 tokens leave a partial last tile."""
+    fmt = get_format(name, 256)
+    key, value = _inputs(18, 1, 256, seed=7)
+    slots = torch.randperm(2 * PAGE, generator=torch.Generator().manual_seed(7))[:18]
+    expected = torch.zeros(2, 1, PAGE, fmt.slot_bytes, dtype=torch.uint8)
+    store_kv_ref(key, value, expected, slots, fmt)
+    got = torch.zeros_like(expected, device=device)
+    store_kv(key.to(device), value.to(device), got, slots.to(device), fmt)
+    rows, ref_rows = _rows(got.cpu(), slots), _rows(expected, slots)
+    assert float((rows == ref_rows).all(-1).float().mean()) >= 0.9
+    mse, ref_mse = _rel_mse(rows, fmt, key, value), _rel_mse(ref_rows, fmt, key, value)
+    assert torch.allclose(mse, ref_mse, rtol=5e-3, atol=0)
+
+
 @pytest.mark.parametrize("name", ["e8-k3v2", "e8-k4v2"])
 def test_heavy_tailed_vectors_match_codec(device, name):
     """Heavy-tailed keys and values whose scales span decades (more groups off the codec's lattice fast path)."""
