@@ -16,9 +16,10 @@ passed. Requests are reproducible from ``--seed``; each is one of
   tokens are compared with a reference run of the same prompt alone on an empty prefix cache before the load.
   Under load the prompt may be prefilled in other chunks or hit the prefix cache, and an e8 cache then reads
   quantized pages where the reference attended over exact K/V, so a token may flip where the reference's top two
-  were close: at the first differing position the output is a *near tie* if its token is within
-  ``SoakConfig.tie_margin`` nats of the reference's (in the reference's top 5), else *wrong*: a page read from
-  the wrong place (a freed, compacted or reused block) shows up as that.
+  were close. An output that differs is re-scored after the load, alone on an empty prefix cache: the prompt and
+  the output up to its first differing token, with ``prompt_logprobs``. It is a *near tie* if that token's
+  logprob is within ``SoakConfig.tie_margin`` nats of the reference token's, else *wrong*: a page read from the
+  wrong place (a freed, compacted or reused block) shows up as that.
 
 Pass criteria (each checked and reported): the server process never exits and ``/health`` answers 200 at the end;
 zero 5xx and zero other errors; every request that was not aborted ends with ``[DONE]``, ``finish_reason=length``
@@ -78,7 +79,6 @@ PROBE_PROMPT = (
 )
 RATES = (None, "lossless", "conservative", "balanced", 0.2)  # per-request nq_eviction (None: the server default)
 EVICTION_LOG = "nexusquant eviction: request"
-CHECKED_TOP = 5  # top logprobs of the checked requests' reference
 INVALID_REQUESTS = (  # what each invalid request changes in a valid body; every one must get a 400
     {"vllm_xargs": {"nq_eviction": "half"}},
     {"vllm_xargs": {"nq_eviction": 1.5}},
@@ -339,38 +339,49 @@ def invalid_body(spec: RequestSpec, cfg: SoakConfig) -> dict[str, Any]:
 
 
 class Checked(NamedTuple):
-    """A checked prompt's reference: its greedy tokens (``token_id:N``) and each position's top logprobs."""
+    """A checked prompt's reference: its greedy token ids and their logprobs."""
 
     prompt: list[int]
-    tokens: list[str]
-    top: list[dict[str, float]]
+    tokens: list[int]
+    logprobs: list[float]
 
 
-def checked_body(prompt: list[int], max_tokens: int, top: int) -> dict[str, Any]:
-    return {**completion_body(prompt, max_tokens, {"nq_eviction": 0.0}), "logprobs": top,
+class Divergence(NamedTuple):
+    """A checked output that differs from its reference, from ``position`` on (``got``: its token there)."""
+
+    checked: int
+    position: int
+    got: int
+
+
+def checked_body(prompt: list[int], max_tokens: int) -> dict[str, Any]:
+    return {**completion_body(prompt, max_tokens, {"nq_eviction": 0.0}), "logprobs": 0,
             "return_tokens_as_token_ids": True}
 
 
-def compare_checked(ref: Checked, tokens: list[str], tie_margin: float) -> tuple[str, float | None]:
-    """``identical``, ``near_tie`` or ``wrong`` (see the module docstring), and the reference's logprob gap between
-    its token and the output's at the first difference."""
+def token_ids(logprobs: dict[str, Any]) -> list[int]:
+    """The ids of a completion's ``logprobs.tokens`` (``token_id:N`` with ``return_tokens_as_token_ids``)."""
+    return [int(t.removeprefix("token_id:")) for t in logprobs["tokens"]]
+
+
+def first_difference(ref: Checked, tokens: list[int]) -> int | None:
+    """The first position where ``tokens`` leaves the reference (its length if it is a proper prefix), or None."""
     for i, (want, got) in enumerate(zip(ref.tokens, tokens)):
         if want != got:
-            gap = ref.top[i][want] - ref.top[i].get(got, float("-inf"))
-            return ("near_tie" if gap <= tie_margin else "wrong"), gap
-    return ("identical" if len(tokens) == len(ref.tokens) else "wrong"), None
+            return i
+    return None if len(tokens) == len(ref.tokens) else min(len(tokens), len(ref.tokens))
 
 
 async def run_request(client: httpx.AsyncClient, spec: RequestSpec, cfg: SoakConfig,
-                      references: list[Checked]) -> str:
+                      references: list[Checked], divergences: list[Divergence]) -> str:
     """Send one request and behave as ``spec`` says; the outcome: ``completed``, ``disconnected``, ``cancelled``,
-    ``rejected`` (an invalid request's 400), ``checked_identical``, ``checked_near_tie`` or an error kind
-    (``http_<status>``, ``stream_error_<code>``, ``incomplete_stream``, ``wrong_length``, ``accepted_invalid``,
-    ``checked_wrong``, the name of an httpx exception)."""
+    ``rejected`` (an invalid request's 400), ``checked_identical``, ``checked_diverged`` (re-scored after the load,
+    into ``divergences``) or an error kind (``http_<status>``, ``stream_error_<code>``, ``incomplete_stream``,
+    ``wrong_length``, ``accepted_invalid``, the name of an httpx exception)."""
     if spec.kind == "invalid":
         return await _invalid(client, spec, cfg)
     if spec.kind == "checked":
-        return await _checked(client, references[spec.checked], cfg)
+        return await _checked(client, spec.checked, references[spec.checked], divergences)
     request = _stream(client, spec)
     if spec.behaviour != "cancel":
         return await request
@@ -390,18 +401,34 @@ async def _invalid(client: httpx.AsyncClient, spec: RequestSpec, cfg: SoakConfig
     return "accepted_invalid" if resp.status_code == 200 else f"http_{resp.status_code}"
 
 
-async def _checked(client: httpx.AsyncClient, ref: Checked, cfg: SoakConfig) -> str:
+async def _checked(client: httpx.AsyncClient, index: int, ref: Checked, divergences: list[Divergence]) -> str:
     try:
-        resp = await client.post("/v1/completions", json=checked_body(ref.prompt, len(ref.tokens), 0))
+        resp = await client.post("/v1/completions", json=checked_body(ref.prompt, len(ref.tokens)))
     except httpx.HTTPError as e:
         return type(e).__name__
     if resp.status_code != 200:
         tqdm.write(f"checked request: HTTP {resp.status_code}: {resp.text[:300]!r}")
         return f"http_{resp.status_code}"
-    verdict, gap = compare_checked(ref, resp.json()["choices"][0]["logprobs"]["tokens"], cfg.tie_margin)
-    if gap is not None:
-        tqdm.write(f"checked request: {verdict}, reference logprob gap {gap:.3f} at the first differing token")
-    return f"checked_{verdict}"
+    tokens = token_ids(resp.json()["choices"][0]["logprobs"])
+    at = first_difference(ref, tokens)
+    if at is None:
+        return "checked_identical"
+    divergences.append(Divergence(index, at, tokens[at] if at < len(tokens) else -1))
+    return "checked_diverged"
+
+
+async def rescore(client: httpx.AsyncClient, ref: Checked, d: Divergence) -> float:
+    """The reference token's logprob minus the diverging token's, both in the reference's context (the diverging
+    one from the prompt and the output up to it, scored alone on an empty prefix cache); inf if it has none."""
+    if d.got < 0:
+        return float("inf")  # the output stopped early: no token to score
+    await _reset_or_raise(client, "a re-score")
+    prompt = ref.prompt + ref.tokens[: d.position] + [d.got]
+    body = {**completion_body(prompt, 1, {"nq_eviction": 0.0}), "prompt_logprobs": 0}
+    resp = await client.post("/v1/completions", json=body)
+    resp.raise_for_status()
+    scored = resp.json()["choices"][0]["prompt_logprobs"][-1][str(d.got)]["logprob"]
+    return ref.logprobs[d.position] - scored
 
 
 async def _stream(client: httpx.AsyncClient, spec: RequestSpec) -> str:
@@ -457,14 +484,14 @@ async def probe(client: httpx.AsyncClient, cfg: SoakConfig) -> str:
 
 
 async def references(client: httpx.AsyncClient, cfg: SoakConfig, prompts: list[list[int]]) -> list[Checked]:
-    """Each checked prompt alone on an empty prefix cache: its greedy tokens and top logprobs."""
+    """Each checked prompt alone on an empty prefix cache: its greedy tokens and their logprobs."""
     refs = []
     for prompt in prompts:
         await _reset_or_raise(client, "a reference")
-        resp = await client.post("/v1/completions", json=checked_body(prompt, cfg.checked_tokens, CHECKED_TOP))
+        resp = await client.post("/v1/completions", json=checked_body(prompt, cfg.checked_tokens))
         resp.raise_for_status()
         logprobs = resp.json()["choices"][0]["logprobs"]
-        refs.append(Checked(prompt, logprobs["tokens"], logprobs["top_logprobs"]))
+        refs.append(Checked(prompt, token_ids(logprobs), logprobs["token_logprobs"]))
     return refs
 
 
@@ -488,7 +515,7 @@ async def _sampler(client: httpx.AsyncClient, server: Server, cfg: SoakConfig, o
 
 
 async def _load(client: httpx.AsyncClient, specs: list[RequestSpec], cfg: SoakConfig, refs: list[Checked],
-                outcomes: list[str]) -> None:
+                outcomes: list[str], divergences: list[Divergence]) -> None:
     """``cfg.concurrency`` clients take the next spec until none is left or the time is up."""
     queue = iter(specs)
     deadline = time.monotonic() + cfg.duration_s
@@ -498,7 +525,7 @@ async def _load(client: httpx.AsyncClient, specs: list[RequestSpec], cfg: SoakCo
         for spec in queue:
             if time.monotonic() > deadline:
                 return
-            outcomes.append(await run_request(client, spec, cfg, refs))
+            outcomes.append(await run_request(client, spec, cfg, refs, divergences))
             bar.update()
             bar.set_postfix(Counter(outcomes), refresh=False)
 
@@ -525,13 +552,14 @@ async def soak(server: Server, cfg: SoakConfig, specs: list[RequestSpec],
     limits = httpx.Limits(max_connections=cfg.concurrency + 4)
     outcomes: list[str] = []
     samples: list[Sample] = []
+    divergences: list[Divergence] = []
     async with httpx.AsyncClient(base_url=server.url, timeout=timeout, limits=limits) as client:
         probe_before = await probe(client, cfg)
         refs = await references(client, cfg, checked)
         initial = await _metrics(client)
         t0 = time.monotonic()
         sampler = asyncio.create_task(_sampler(client, server, cfg, outcomes, samples, t0))
-        await _load(client, specs, cfg, refs, outcomes)
+        await _load(client, specs, cfg, refs, outcomes, divergences)
         load_s = time.monotonic() - t0
         if server.proc.poll() is not None:
             raise RuntimeError(f"the server died during the soak (exit code {server.proc.returncode}), outcomes "
@@ -541,10 +569,15 @@ async def soak(server: Server, cfg: SoakConfig, specs: list[RequestSpec],
         sampler.cancel()
         reset_ok = await reset_prefix_cache(client)
         probe_after = await probe(client, cfg) if reset_ok else None
+        diverged = [(d, await rescore(client, refs[d.checked], d)) for d in divergences] if reset_ok else []
     health = _healthy(server.url)
-    return summarize(cfg, outcomes, samples, initial, final, load_s, alive=server.proc.poll() is None and health,
-                     reset_ok=reset_ok, probe_identical=probe_before == probe_after,
-                     evictions=server.log.read_text().count(EVICTION_LOG))
+    verdicts = ["checked_near_tie" if gap <= cfg.tie_margin else "checked_wrong" for _, gap in diverged]
+    outcomes = [o for o in outcomes if o != "checked_diverged"] + verdicts
+    result = summarize(cfg, outcomes, samples, initial, final, load_s, alive=server.proc.poll() is None and health,
+                       reset_ok=reset_ok, probe_identical=probe_before == probe_after,
+                       evictions=server.log.read_text().count(EVICTION_LOG))
+    result["divergences"] = [{**d._asdict(), "logprob_gap": gap} for d, gap in diverged]
+    return result
 
 
 def rss_slope(samples: list[Sample], after: int) -> dict[str, float]:
@@ -649,6 +682,9 @@ def markdown(r: dict[str, Any], command: str) -> str:
         ("invalid requests refused with 400", r["rejected"]),
         ("checked greedy outputs: identical / near tie / wrong",
          f"{r['checked_identical']} / {r['checked_near_tie']} / {r['errors'].get('checked_wrong', 0)}"),
+        ("logprob gap at the first differing token (largest; near tie <= "
+         f"{r['config']['tie_margin']:g} nats)", f"{max(gaps):.3f}" if (gaps := [
+             d["logprob_gap"] for d in r.get("divergences", [])]) else "none differed"),
         ("errors by kind", errors),
         ("HTTP 5xx", r["http_5xx"]),
         ("preemptions (`vllm:num_preemptions`)", r["preemptions"]),
