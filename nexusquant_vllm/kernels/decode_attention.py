@@ -202,7 +202,7 @@ def decode_attention(
         GROUP_SIZE=group, BLOCK_G=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), D=head_dim, BLOCK_N=block_n,
         PAGE=page, KV_BITS=16 if fmt is None else 0, K_BITS=k_bits, V_BITS=v_bits,
         V_OFF=fmt.k_code_bytes if fmt else 0, KS_OFF=fmt.k_scale_offset if fmt else 0,
-        VS_OFF=fmt.v_scale_offset if fmt else 0, **launch.decode(head_dim, fmt).kwargs(),
+        VS_OFF=fmt.v_scale_offset if fmt else 0, **launch.decode(head_dim).kwargs(),
     )
     out_rot = torch.empty(num_seqs, num_q_heads, head_dim, dtype=torch.float32, device=device)
     _combine_kernel[(num_seqs * num_q_heads,)](

@@ -54,7 +54,7 @@ def store(fmt: KVFormat) -> StoreParams:
     return StoreParams(4 if groups <= 128 and not beam else 8, 1, True, block_t, block_k)
 
 
-def decode(head_dim: int, fmt: KVFormat | None) -> LaunchParams:
+def decode(head_dim: int) -> LaunchParams:
     """Split-KV decode: a [16, head_dim] accumulator and one decoded [BLOCK_N, head_dim] K and V tile. At head_dim
     256 (8 warps) ptxas's own ceiling of 128 registers spills the 3-bit pages on sm_90."""
     return LaunchParams(4 if head_dim <= 128 else 8, 2, full_registers=head_dim > 128)
@@ -66,7 +66,7 @@ class PrefillParams(LaunchParams):
     block_n: int = 32  # context tokens per tile
 
 
-def prefill(head_dim: int, fmt: KVFormat | None) -> PrefillParams:
+def prefill(head_dim: int) -> PrefillParams:
     """Continuation prefill: [block_m, head_dim] query and accumulator tiles and decoded [block_n, head_dim] K/V
     tiles. 8 warps hold 64 rows up to head_dim 128; head_dim 256 takes 32 rows."""
     return PrefillParams(4 if head_dim <= 64 else 8, 2, True, 64 if head_dim <= 128 else 32)

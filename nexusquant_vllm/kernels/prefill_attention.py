@@ -187,7 +187,7 @@ def prefill_attention(
     if num_tokens == 0 or num_reqs == 0:
         return out if out is not None else torch.empty_like(query)
     group = num_q_heads // num_kv_heads
-    params = launch.prefill(head_dim, fmt)
+    params = launch.prefill(head_dim)
     block_m = max(block_m or params.block_m, MIN_DOT_ROWS, triton.next_power_of_2(group))
     block_n = block_n or params.block_n
     if max_query_len is None:

@@ -1,10 +1,11 @@
 """Store new tokens' K/V into the paged cache: one fused Triton launch rotates, scales, E8-codes, packs and scatters.
 
-Grid ``(cdiv(T, BLOCK_T), Hk, 2)``: a program owns ``BLOCK_T`` tokens (``launch.store``) of one KV head, for K (axis 2 = 0) or V
-(axis 2 = 1), and
+Grid ``(cdiv(T, BLOCK_T), Hk, 2)``: a program owns ``BLOCK_T`` tokens (``launch.store``) of one KV head, for K
+(axis 2 = 0) or V (axis 2 = 1), and
 
-1. loads the vectors (any float dtype, any token/head strides) and rotates them, ``x @ R`` as a ``tl.dot`` in IEEE
-   fp32 (``codec.rotation.rotation_matrix``), ``BLOCK_T`` >= 16 being the dot's M;
+1. loads the vectors (any float dtype, any token/head strides) and rotates them, ``x @ R`` in IEEE fp32
+   (``codec.rotation.rotation_matrix``): a ``tl.dot`` for tiles of 16 tokens (the dot's M), broadcast sums for the
+   smaller tiles of head_dim 256;
 2. codes them exactly like ``codec.quantizer.quantize`` (``e8_encode.quantize_tile``: candidate search scales,
    exact E8P / RES8 searches, 3-bit beam, least-squares scale refit, lowest-error candidate, fp16 clamp);
 3. gives a vector holding NaN or inf a NaN scale (``codec.kv.encode_vectors``) and the codes of a zero vector
