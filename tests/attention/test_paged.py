@@ -27,9 +27,10 @@ def _reference(q, k_ctx, v_ctx, k_new, v_new, ctx_keep, scale):
     return torch.stack(outs)
 
 
+@pytest.mark.parametrize("query_tile", [128, 2], ids=["one-tile", "tiles-of-2"])
 @pytest.mark.parametrize("raw_tokens", [True, False], ids=["with-raw-kv", "context-only"])
 @pytest.mark.parametrize("q_lens,cached_lens", [([1, 1, 1], [5, 0, 9]), ([3, 1, 6, 2], [0, 7, 4, 10])])
-def test_attend_matches_reference_with_null_block_holes(q_lens, cached_lens, raw_tokens):
+def test_attend_matches_reference_with_null_block_holes(q_lens, cached_lens, raw_tokens, query_tile):
     torch.manual_seed(0)
     num_blocks = 40
     pages = torch.randn(num_blocks, H_KV, BS, 2 * D)
@@ -50,7 +51,8 @@ def test_attend_matches_reference_with_null_block_holes(q_lens, cached_lens, raw
     if not raw_tokens:
         key = value = None
     out = torch.full((t, H_KV * G, D), float("nan"))
-    attend(query, key, value, plan_groups(qsl, seq_lens, block_table, BS), DensePages(D).reader(pages), scale, out)
+    attend(query, key, value, plan_groups(qsl, seq_lens, block_table, BS), DensePages(D).reader(pages), scale, out,
+           query_tile)
 
     for r, (c, ql) in enumerate(zip(cached_lens, q_lens)):
         s, e = int(qsl[r]), int(qsl[r + 1])
