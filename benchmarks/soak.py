@@ -16,10 +16,13 @@ passed. Requests are reproducible from ``--seed``; each is one of
   tokens are compared with a reference run of the same prompt alone on an empty prefix cache before the load.
   Under load the prompt may be prefilled in other chunks or hit the prefix cache, and an e8 cache then reads
   quantized pages where the reference attended over exact K/V, so a token may flip where the reference's top two
-  were close. An output that differs is re-scored after the load, alone on an empty prefix cache: the prompt and
-  the output up to its first differing token, with ``prompt_logprobs``. It is a *near tie* if that token's
-  logprob is within ``SoakConfig.tie_margin`` nats of the reference token's, else *wrong*: a page read from the
-  wrong place (a freed, compacted or reused block) shows up as that.
+  were close. An output that differs is first *reproduced* after the load, alone: the prompt's first ``p`` tokens
+  are cached (for each block boundary ``p``, the shared prefix and the whole-prompt hit first), then the prompt is
+  run again; an output equal token for token to the one under load is what the engine computes for that prompt on
+  that schedule, not a page read from the wrong place. An output no schedule reproduces is re-scored, alone on an
+  empty prefix cache: the prompt and the output up to its first differing token, with ``prompt_logprobs``. It is a
+  *near tie* if that token's logprob is within ``SoakConfig.tie_margin`` nats of the reference token's, else
+  *wrong*: a page read from the wrong place (a freed, compacted or reused block) shows up as that.
 
 Pass criteria (each checked and reported): the server process never exits and ``/health`` answers 200 at the end;
 zero 5xx and zero other errors; every request that was not aborted ends with ``[DONE]``, ``finish_reason=length``
@@ -352,6 +355,7 @@ class Divergence(NamedTuple):
     checked: int
     position: int
     got: int
+    tokens: tuple[int, ...]  # the whole output under load
 
 
 def checked_body(prompt: list[int], max_tokens: int) -> dict[str, Any]:
@@ -375,7 +379,7 @@ def first_difference(ref: Checked, tokens: list[int]) -> int | None:
 async def run_request(client: httpx.AsyncClient, spec: RequestSpec, cfg: SoakConfig,
                       references: list[Checked], divergences: list[Divergence]) -> str:
     """Send one request and behave as ``spec`` says; the outcome: ``completed``, ``disconnected``, ``cancelled``,
-    ``rejected`` (an invalid request's 400), ``checked_identical``, ``checked_diverged`` (re-scored after the load,
+    ``rejected`` (an invalid request's 400), ``checked_identical``, ``checked_diverged`` (judged after the load,
     into ``divergences``) or an error kind (``http_<status>``, ``stream_error_<code>``, ``incomplete_stream``,
     ``wrong_length``, ``accepted_invalid``, the name of an httpx exception)."""
     if spec.kind == "invalid":
@@ -413,8 +417,42 @@ async def _checked(client: httpx.AsyncClient, index: int, ref: Checked, divergen
     at = first_difference(ref, tokens)
     if at is None:
         return "checked_identical"
-    divergences.append(Divergence(index, at, tokens[at] if at < len(tokens) else -1))
+    divergences.append(Divergence(index, at, tokens[at] if at < len(tokens) else -1, tuple(tokens)))
     return "checked_diverged"
+
+
+def cached_prefixes(prompt_len: int, cfg: SoakConfig) -> list[int]:
+    """Prefix lengths a checked prompt may find cached under load, most likely first: the shared prefix, the whole
+    prompt's full blocks (an earlier run of the same prompt; vLLM computes at least its last token), then every
+    other block boundary (where a chunked prefill may have split it)."""
+    whole = (prompt_len - 1) // cfg.block_size * cfg.block_size
+    boundaries = range(whole, 0, -cfg.block_size)
+    return list(dict.fromkeys([cfg.shared_prefix_tokens, whole, *boundaries]))
+
+
+async def reproduce(client: httpx.AsyncClient, cfg: SoakConfig, ref: Checked, d: Divergence) -> int | None:
+    """The first prefix length of ``cached_prefixes`` whose schedule, alone, gives the diverged output token for
+    token: its first ``p`` tokens are cached by a one-token request, then the prompt runs; None if none does."""
+    for p in cached_prefixes(len(ref.prompt), cfg):
+        await _reset_or_raise(client, "a reproduction")
+        warm = await client.post("/v1/completions", json=completion_body(ref.prompt[:p], 1, {"nq_eviction": 0.0}))
+        warm.raise_for_status()
+        resp = await client.post("/v1/completions", json=checked_body(ref.prompt, len(ref.tokens)))
+        resp.raise_for_status()
+        if tuple(token_ids(resp.json()["choices"][0]["logprobs"])) == d.tokens:
+            return p
+    return None
+
+
+async def verdict(client: httpx.AsyncClient, cfg: SoakConfig, ref: Checked, d: Divergence) -> dict[str, Any]:
+    """``checked_reproduced`` (with the cached prefix length), else ``checked_near_tie`` or ``checked_wrong`` by the
+    re-scored logprob gap."""
+    cached = await reproduce(client, cfg, ref, d)
+    if cached is not None:
+        return {"outcome": "checked_reproduced", "cached_prefix": cached, "logprob_gap": None}
+    gap = await rescore(client, ref, d)
+    return {"outcome": "checked_near_tie" if gap <= cfg.tie_margin else "checked_wrong", "cached_prefix": None,
+            "logprob_gap": gap}
 
 
 async def rescore(client: httpx.AsyncClient, ref: Checked, d: Divergence) -> float:
@@ -569,14 +607,17 @@ async def soak(server: Server, cfg: SoakConfig, specs: list[RequestSpec],
         sampler.cancel()
         reset_ok = await reset_prefix_cache(client)
         probe_after = await probe(client, cfg) if reset_ok else None
-        diverged = [(d, await rescore(client, refs[d.checked], d)) for d in divergences] if reset_ok else []
+        verdicts: dict[tuple, dict[str, Any]] = {}  # the same output of the same prompt is judged once
+        for d in divergences if reset_ok else []:
+            if (d.checked, d.tokens) not in verdicts:
+                verdicts[d.checked, d.tokens] = await verdict(client, cfg, refs[d.checked], d)
+        diverged = [(d, verdicts[d.checked, d.tokens]) for d in divergences if (d.checked, d.tokens) in verdicts]
     health = _healthy(server.url)
-    verdicts = ["checked_near_tie" if gap <= cfg.tie_margin else "checked_wrong" for _, gap in diverged]
-    outcomes = [o for o in outcomes if o != "checked_diverged"] + verdicts
+    outcomes = [o for o in outcomes if o != "checked_diverged"] + [v["outcome"] for _, v in diverged]
     result = summarize(cfg, outcomes, samples, initial, final, load_s, alive=server.proc.poll() is None and health,
                        reset_ok=reset_ok, probe_identical=probe_before == probe_after,
                        evictions=server.log.read_text().count(EVICTION_LOG))
-    result["divergences"] = [{**d._asdict(), "logprob_gap": gap} for d, gap in diverged]
+    result["divergences"] = [{**d._asdict(), **v} for d, v in diverged]
     return result
 
 
@@ -599,7 +640,8 @@ def rss_slope(samples: list[Sample], after: int) -> dict[str, float]:
 def summarize(cfg: SoakConfig, outcomes: list[str], samples: list[Sample], initial: dict, final: dict,
               load_s: float, alive: bool, reset_ok: bool, probe_identical: bool, evictions: int) -> dict[str, Any]:
     counts = Counter(outcomes)
-    ok = ("completed", "disconnected", "cancelled", "rejected", "checked_identical", "checked_near_tie")
+    ok = ("completed", "disconnected", "cancelled", "rejected", "checked_identical", "checked_reproduced",
+          "checked_near_tie")
     errors = {k: v for k, v in counts.items() if k not in ok}
     usable = final["num_gpu_blocks"] - 1  # vLLM's usage excludes the null block
     warm_after = int(cfg.warmup_fraction * len(outcomes))
@@ -680,11 +722,14 @@ def markdown(r: dict[str, Any], command: str) -> str:
         ("aborted: client disconnected mid-stream", r["disconnected"]),
         ("aborted: client cancelled (deadline)", r["cancelled"]),
         ("invalid requests refused with 400", r["rejected"]),
-        ("checked greedy outputs: identical / near tie / wrong",
-         f"{r['checked_identical']} / {r['checked_near_tie']} / {r['errors'].get('checked_wrong', 0)}"),
-        ("logprob gap at the first differing token (largest; near tie <= "
+        ("checked greedy outputs: identical / reproduced with a cached prefix / near tie / wrong",
+         f"{r['checked_identical']} / {r['checked_reproduced']} / {r['checked_near_tie']} / "
+         f"{r['errors'].get('checked_wrong', 0)}"),
+        ("cached prefix lengths that reproduced them", ", ".join(sorted({
+            str(d["cached_prefix"]) for d in r.get("divergences", []) if d["cached_prefix"] is not None})) or "none"),
+        ("logprob gap at the first differing token of the others (largest; near tie <= "
          f"{r['config']['tie_margin']:g} nats)", f"{max(gaps):.3f}" if (gaps := [
-             d["logprob_gap"] for d in r.get("divergences", [])]) else "none differed"),
+             d["logprob_gap"] for d in r.get("divergences", []) if d["logprob_gap"] is not None]) else "none"),
         ("errors by kind", errors),
         ("HTTP 5xx", r["http_5xx"]),
         ("preemptions (`vllm:num_preemptions`)", r["preemptions"]),

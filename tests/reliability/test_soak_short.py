@@ -25,6 +25,14 @@ def test_soak_short(smollm2_path, tmp_path):
     assert not failed, f"{failed}\n{log.read_text()[-5000:]}"
     # The run must have exercised what it claims to: completions, aborts of both kinds, preemption and eviction.
     assert r["completed"] > 0 and r["disconnected"] > 0 and r["cancelled"] > 0
-    assert r["rejected"] > 0 and r["checked_identical"] + r["checked_near_tie"] > 0
+    assert r["rejected"] > 0 and r["checked_identical"] + r["checked_reproduced"] + r["checked_near_tie"] > 0
     assert r["preemptions"] > 0, "the 14-block pool (16 tokens each) should have forced preemption"
     assert r["evictions_logged"] > 0, "prompts over min_prompt_tokens should have been evicted"
+
+
+def test_cached_prefixes_most_likely_first_then_every_block_boundary():
+    from benchmarks.soak import cached_prefixes
+
+    cfg = SoakConfig(shared_prefix_tokens=32, block_size=16)
+    assert cached_prefixes(81, cfg) == [32, 80, 64, 48, 16]
+    assert cached_prefixes(80, cfg) == [32, 64, 48, 16]  # vLLM computes at least the last token
