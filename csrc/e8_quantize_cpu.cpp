@@ -62,12 +62,7 @@ struct Target {
   float bound[kClasses];
 };
 
-// The two hot loops get an AVX2 clone, chosen at load time by CPU feature (-march stays portable). Not
-// "arch=haswell": that clone is picked by CPU model, so AMD CPUs never ran it. No FMA: the clones keep the default
-// build's rounding.
-#define NQ_HOT __attribute__((target_clones("avx2", "default")))
-
-NQ_HOT void score_bounds(const Tables& tb, const float* u, Target& tg) {
+NQ_INLINE void score_bounds(const Tables& tb, const float* u, Target& tg) {
   for (int s = 0; s < 2; ++s) {
     float norm = 0.0f;
     int negatives = 0;
@@ -88,7 +83,7 @@ NQ_HOT void score_bounds(const Tables& tb, const float* u, Target& tg) {
 }
 
 // Coordinate whose sign flips to fix the parity of class c, or -1 when the target's signs already fit.
-int flip_at(const Tables& tb, const Target& tg, int c, float* cost) {
+NQ_INLINE int flip_at(const Tables& tb, const Target& tg, int c, float* cost) {
   const int s = c / kPatterns, p = c % kPatterns;
   *cost = 0.0f;
   if (tg.odd[s] == (tb.parity[p] != 0)) return -1;
@@ -105,14 +100,14 @@ int flip_at(const Tables& tb, const Target& tg, int c, float* cost) {
   return at;
 }
 
-float exact_distance(const Tables& tb, const Target& tg, int c) {
+NQ_INLINE float exact_distance(const Tables& tb, const Target& tg, int c) {
   float cost;
   flip_at(tb, tg, c, &cost);
   return tg.bound[c] + cost;
 }
 
 // The 16-bit E8P index of class c with the target's signs, parity-fixed (layout: codec/e8.py).
-int32_t class_index(const Tables& tb, const Target& tg, int c) {
+NQ_INLINE int32_t class_index(const Tables& tb, const Target& tg, int c) {
   const int s = c / kPatterns;
   float cost;
   const int flip = flip_at(tb, tg, c, &cost);
@@ -124,7 +119,7 @@ int32_t class_index(const Tables& tb, const Target& tg, int c) {
   return index;
 }
 
-void decode_e8p(const Tables& tb, int32_t index, float* out) {
+NQ_INLINE void decode_e8p(const Tables& tb, int32_t index, float* out) {
   const int p = index & 0xFF;
   int negatives = 0;
   const float shift = (index >> 15) & 1 ? -0.25f : 0.25f;
@@ -140,11 +135,11 @@ void decode_e8p(const Tables& tb, int32_t index, float* out) {
 // Nearest point of D8 (integer vectors with an even sum), rounding half to even like torch.round.
 // Only the sum's parity is needed: it is taken per coordinate, so a NaN, infinite or huge target (a NaN vector) never
 // converts an out-of-range float to int. Floats of magnitude >= 2^24 are even integers.
-void nearest_d8(const float* t, float* out) {
+NQ_INLINE void nearest_d8(const float* t, float* out) {
   int parity = 0, worst = 0;
   float worst_error = -1.0f;
   for (int i = 0; i < kGroup; ++i) {
-    out[i] = std::nearbyint(t[i]);
+    out[i] = std::rint(t[i]);
     parity ^= std::fabs(out[i]) < 16777216.0f ? static_cast<int>(out[i]) & 1 : 0;
     const float e = std::fabs(t[i] - out[i]);
     if (e > worst_error) {
@@ -157,7 +152,7 @@ void nearest_d8(const float* t, float* out) {
 
 // Nearest point y of the lattice E8 + 1/4 (Conway-Sloane: the closer of D8 + 1/4 and D8 + 3/4). Returns whether y
 // lies in D8 + 3/4, i.e. y - 1/4 is half-integer.
-bool nearest_lattice(const float* u, float* y) {
+NQ_INLINE bool nearest_lattice(const float* u, float* y) {
   float t[kGroup], shifted[kGroup], a[kGroup], b[kGroup];
   for (int i = 0; i < kGroup; ++i) {
     t[i] = u[i] - 0.25f;
@@ -178,7 +173,7 @@ bool nearest_lattice(const float* u, float* y) {
 
 // E8P index of the nearest lattice point, or -1 when that point is not an E8P codeword. E8P is a subset of the
 // lattice, so a codeword found here is the nearest codeword.
-int32_t lattice_e8p_index(const float* u, const int64_t* lookup) {
+NQ_INLINE int32_t lattice_e8p_index(const float* u, const int64_t* lookup) {
   float y[kGroup];
   const bool plus = nearest_lattice(u, y);
   // base = y - 1/4 (shift +1/4) when half-integer, else y + 1/4 (shift -1/4): a point of D8^.
@@ -186,7 +181,7 @@ int32_t lattice_e8p_index(const float* u, const int64_t* lookup) {
   int32_t signs = 0;
   for (int i = 0; i < kGroup; ++i, weight *= 4) {
     const float base = plus ? y[i] - 0.25f : y[i] + 0.25f;
-    const float level = std::nearbyint(std::fabs(base) - 0.5f);
+    const float level = std::rint(std::fabs(base) - 0.5f);
     if (!(level >= 0.0f && level <= 3.0f)) return -1;  // also NaN: compared as a float, never cast out of range
     const int digit = static_cast<int>(level);
     key += digit * weight;
@@ -199,7 +194,7 @@ int32_t lattice_e8p_index(const float* u, const int64_t* lookup) {
 
 // First minimum of the exact distance over the 512 classes; a class whose bound is no smaller than the best exact
 // distance so far cannot beat it and is skipped.
-int exhaustive_class(const Tables& tb, const Target& tg) {
+NQ_INLINE int exhaustive_class(const Tables& tb, const Target& tg) {
   int best = 0;
   float best_distance = exact_distance(tb, tg, 0);
   for (int c = 1; c < kClasses; ++c) {
@@ -251,7 +246,7 @@ NQ_INLINE void block_mins8(const float* bound, float* out) {
 // smallest minima (the torch path's `_smallest` does the same), and is no larger than the largest of those minima,
 // so only the classes of those blocks within that threshold are ranked (dropping larger ones changes no outcome);
 // one vector compare per block finds them.
-NQ_HOT void smallest_bounds(const float* bound, int* top) {
+NQ_INLINE void smallest_bounds(const float* bound, int* top) {
   constexpr int kBlocks = kClasses / kGroup;
   float block_min[kBlocks];
   for (int b = 0; b < kBlocks; b += kGroup) block_mins8(bound + b * kGroup, block_min + b);
@@ -272,7 +267,7 @@ NQ_HOT void smallest_bounds(const float* bound, int* top) {
 // `beam` stage-1 candidates, nearest first, chosen like codec/e8.py's e8p_candidates: the kTopK classes with the
 // lowest bounds, ordered by exact distance; the first is replaced by the exhaustive nearest when the (kTopK+1)-th
 // bound does not certify it.
-void e8p_candidates(const Tables& tb, const float* u, int beam, Target& tg, int32_t* out) {
+NQ_INLINE void e8p_candidates(const Tables& tb, const float* u, int beam, Target& tg, int32_t* out) {
   score_bounds(tb, u, tg);
   int top[kTopK + 1];
   smallest_bounds(tg.bound, top);
@@ -295,7 +290,7 @@ void e8p_candidates(const Tables& tb, const float* u, int beam, Target& tg, int3
 
 // Exact nearest E8P codeword: the lattice point when it is a codeword, else the first minimum of the exact distance
 // over the 512 classes, skipping those whose bound cannot beat the best so far.
-int32_t nearest_e8p(const Tables& tb, const float* u, Target& tg) {
+NQ_INLINE int32_t nearest_e8p(const Tables& tb, const float* u, Target& tg) {
   const int32_t fast = lattice_e8p_index(u, tb.lookup);
   if (fast >= 0) return fast;
   score_bounds(tb, u, tg);
@@ -342,13 +337,13 @@ NQ_INLINE void nearest_res8_n(const Tables& tb, const float (*r)[kGroup], int32_
 }
 
 // Compile-time residual counts keep every lane's best distance and index in registers; the 3-bit beam is 4.
-NQ_HOT void nearest_res8(const Tables& tb, const float (*r)[kGroup], int n, int32_t* out) {
+NQ_INLINE void nearest_res8(const Tables& tb, const float (*r)[kGroup], int n, int32_t* out) {
   if (n == 4) return nearest_res8_n<4>(tb, r, out);
   for (int b = 0; b < n; ++b) nearest_res8_n<1>(tb, r + b, out + b);
 }
 
 // Codes one 8-dim unit-scale group; writes its stage indices and decoded point.
-void code_group(const Tables& tb, const Config& cfg, const float* u, Target& tg, int32_t* code1,
+NQ_INLINE void code_group(const Tables& tb, const Config& cfg, const float* u, Target& tg, int32_t* code1,
                 int32_t* code2, float* decoded) {
   if (cfg.bits == 2) {
     *code1 = nearest_e8p(tb, u, tg);
@@ -391,7 +386,7 @@ void code_group(const Tables& tb, const Config& cfg, const float* u, Target& tg,
   }
 }
 
-float round_to_fp16(float x) { return static_cast<float>(static_cast<_Float16>(x)); }
+NQ_INLINE float round_to_fp16(float x) { return static_cast<float>(static_cast<_Float16>(x)); }
 
 void build_tables(const float* patterns, const int64_t* parity, const float* res8, const int64_t* lookup,
                   Tables& tb) {
@@ -410,7 +405,7 @@ void build_tables(const float* patterns, const int64_t* parity, const float* res
 }
 
 // Codes one rotated vector v [d] -> stage indices code1/code2 [d/8] (code2 untouched at 2 bits) and the fp16 scale.
-_Float16 quantize_row(const Tables& tb, const Config& cfg, const float* v, int64_t d, int32_t* code1,
+NQ_INLINE _Float16 quantize_row(const Tables& tb, const Config& cfg, const float* v, int64_t d, int32_t* code1,
                       int32_t* code2) {
   const int64_t groups = d / kGroup;
   Target tg;
@@ -456,7 +451,7 @@ _Float16 quantize_row(const Tables& tb, const Config& cfg, const float* v, int64
 
 // Planar little-endian codes of one vector (codec/packing.py): all 16-bit stage-1 indices, then the stage-2 ones
 // (8 bits at 3 bits per element, 16 at 4).
-void pack_row(const int32_t* code1, const int32_t* code2, int64_t groups, int bits, uint8_t* out) {
+NQ_INLINE void pack_row(const int32_t* code1, const int32_t* code2, int64_t groups, int bits, uint8_t* out) {
   uint8_t* second = out + 2 * groups;
   for (int64_t g = 0; g < groups; ++g) {
     out[2 * g] = static_cast<uint8_t>(code1[g]);
@@ -469,7 +464,7 @@ void pack_row(const int32_t* code1, const int32_t* code2, int64_t groups, int bi
   }
 }
 
-bool all_finite(const float* v, int64_t d) {
+NQ_INLINE bool all_finite(const float* v, int64_t d) {
   bool finite = true;
   for (int64_t i = 0; i < d; ++i) finite &= std::isfinite(v[i]);
   return finite;
@@ -477,7 +472,7 @@ bool all_finite(const float* v, int64_t d) {
 
 // Rotates and codes one K or V vector into its part of a slot (codes at `codes`, fp16 scale at `scale`); a vector
 // whose raw values are not all finite gets a NaN scale, as codec.kv.encode_vectors does.
-void store_vector(const Tables& tb, const Config& cfg, const float* raw, int64_t d, uint8_t* codes, uint8_t* scale) {
+NQ_INLINE void store_vector(const Tables& tb, const Config& cfg, const float* raw, int64_t d, uint8_t* codes, uint8_t* scale) {
   float rotated[kMaxDim];
   std::memcpy(rotated, raw, sizeof(float) * d);
   nq::hadamard_rotate(rotated, d);
@@ -486,6 +481,41 @@ void store_vector(const Tables& tb, const Config& cfg, const float* raw, int64_t
   if (!all_finite(raw, d)) s = static_cast<_Float16>(std::numeric_limits<float>::quiet_NaN());
   pack_row(code1, code2, d / kGroup, cfg.bits, codes);
   std::memcpy(scale, &s, sizeof(s));
+}
+
+// Where store_rows writes: token-head row r goes to slot_mapping[r / num_kv_heads] (negative: skipped), head
+// r % num_kv_heads, of the uint8 pages at `cache` (byte strides).
+struct Pages {
+  const int64_t* slot_mapping;
+  uint8_t* cache;
+  int64_t block_stride, head_stride, token_stride, block_size, num_kv_heads;
+};
+
+// Each entry point codes its rows in one function with an AVX2 clone, chosen at load time by CPU feature (-march
+// stays portable; not "arch=haswell", which is picked by CPU model, so AMD CPUs never ran it). Every helper above is
+// inlined into it, so the clone covers the whole search, rounding included (SSE4.1's roundss instead of a libm
+// call). No FMA: the clone keeps the default build's rounding, hence its codes.
+#define NQ_HOT __attribute__((target_clones("avx2", "default")))
+
+NQ_HOT void quantize_rows(const Tables& tb, const Config& cfg, const float* x, int64_t d, int64_t begin, int64_t end,
+                          int32_t* code1, int32_t* code2, _Float16* scale_out) {
+  const int64_t groups = d / kGroup;
+  for (int64_t row = begin; row < end; ++row) {
+    scale_out[row] = quantize_row(tb, cfg, x + row * d, d, code1 + row * groups, code2 + row * groups);
+  }
+}
+
+NQ_HOT void store_rows(const Tables& tb, const Config& k_cfg, const Config& v_cfg, const float* k, const float* v,
+                       int64_t d, const Pages& pg, int64_t begin, int64_t end) {
+  const int64_t k_bytes = d / kGroup * k_cfg.bits, v_bytes = d / kGroup * v_cfg.bits;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t slot_id = pg.slot_mapping[row / pg.num_kv_heads];
+    if (slot_id < 0) continue;
+    uint8_t* slot = pg.cache + slot_id / pg.block_size * pg.block_stride + (row % pg.num_kv_heads) * pg.head_stride +
+                    slot_id % pg.block_size * pg.token_stride;
+    store_vector(tb, k_cfg, k + row * d, d, slot, slot + k_bytes + v_bytes);
+    store_vector(tb, v_cfg, v + row * d, d, slot + k_bytes, slot + k_bytes + v_bytes + 2);
+  }
 }
 
 }  // namespace
@@ -502,11 +532,8 @@ void nq_e8_quantize(const float* x, int64_t n, int64_t d, int bits, int beam, fl
   Tables tb;  // rebuilt per call (~4K stores): the caller's tables are the single source of every codeword
   build_tables(patterns, parity, res8, lookup, tb);
   const Config cfg{bits, beam < kMaxBeam ? beam : kMaxBeam, step2, scale_c, m};
-  const int64_t groups = d / kGroup;
   nq::parallel_rows(n, threads, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      scale_out[row] = quantize_row(tb, cfg, x + row * d, d, code1 + row * groups, code2 + row * groups);
-    }
+    quantize_rows(tb, cfg, x, d, begin, end, code1, code2, scale_out);
   });
 }
 
@@ -525,16 +552,9 @@ void nq_e8_store(const float* k, const float* v, int64_t n, int64_t d, int64_t n
   build_tables(patterns, parity, res8, lookup, tb);
   const Config k_cfg{k_bits, k_beam < kMaxBeam ? k_beam : kMaxBeam, k_step2, k_scale_c, k_m};
   const Config v_cfg{v_bits, v_beam < kMaxBeam ? v_beam : kMaxBeam, v_step2, v_scale_c, v_m};
-  const int64_t k_bytes = d / kGroup * k_bits, v_bytes = d / kGroup * v_bits;
+  const Pages pages{slot_mapping, cache, block_stride, head_stride, token_stride, block_size, num_kv_heads};
   nq::parallel_rows(n, threads, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t slot_id = slot_mapping[row / num_kv_heads];
-      if (slot_id < 0) continue;
-      uint8_t* slot = cache + slot_id / block_size * block_stride + (row % num_kv_heads) * head_stride +
-                      slot_id % block_size * token_stride;
-      store_vector(tb, k_cfg, k + row * d, d, slot, slot + k_bytes + v_bytes);
-      store_vector(tb, v_cfg, v + row * d, d, slot + k_bytes, slot + k_bytes + v_bytes + 2);
-    }
+    store_rows(tb, k_cfg, v_cfg, k, v, d, pages, begin, end);
   });
 }
 

@@ -36,3 +36,35 @@ def test_cached_prefixes_most_likely_first_then_every_block_boundary():
     cfg = SoakConfig(shared_prefix_tokens=32, block_size=16)
     assert cached_prefixes(81, cfg) == [32, 80, 64, 48, 16]
     assert cached_prefixes(80, cfg) == [32, 64, 48, 16]  # vLLM computes at least the last token
+
+
+def test_logprobs_close_needs_each_token_in_the_others_top():
+    from benchmarks.soak import Checked, Divergence, logprobs_close
+
+    ref = Checked([1, 2], [5, 6], [-0.1, -0.2], [frozenset({5, 7}), frozenset({6, 8})])
+    assert logprobs_close(ref, Divergence(0, 1, 8, (5, 8), frozenset({8, 6})))
+    assert not logprobs_close(ref, Divergence(0, 1, 8, (5, 8), frozenset({8, 9})))  # ours not in its top
+    assert not logprobs_close(ref, Divergence(0, 1, 9, (5, 9), frozenset({9, 6})))  # its not in ours
+    assert not logprobs_close(ref, Divergence(0, 1, -1, (5,), frozenset()))  # stopped early
+
+
+def test_reproduce_runs_each_prompt_and_prefix_once(monkeypatch):
+    import asyncio
+
+    import benchmarks.soak as soak
+
+    cfg = SoakConfig(shared_prefix_tokens=32, block_size=16)
+    ref = soak.Checked(list(range(81)), [5, 6], [-0.1, -0.2], [frozenset(), frozenset()])
+    calls = []
+
+    async def run_behind_prefix(client, cfg, ref, p):
+        calls.append(p)
+        return (5, 7) if p == 64 else (5, 6)
+
+    monkeypatch.setattr(soak, "run_behind_prefix", run_behind_prefix)
+    runs = {}
+    first = soak.Divergence(0, 1, 7, (5, 7), frozenset())
+    other = soak.Divergence(0, 1, 9, (5, 9), frozenset())
+    assert asyncio.run(soak.reproduce(None, cfg, ref, first, runs)) == 64
+    assert asyncio.run(soak.reproduce(None, cfg, ref, other, runs)) is None
+    assert calls == [32, 80, 64, 48, 16]
