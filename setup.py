@@ -20,7 +20,7 @@ NATIVE = [
     Extension(
         f"nexusquant_vllm.native.{name}",
         sources=[f"csrc/{name.lstrip('_')}.cpp"],
-        depends=["csrc/hadamard.h", "csrc/parallel.h", "csrc/simd.h"],
+        depends=["csrc/e8p.h", "csrc/hadamard.h", "csrc/parallel.h", "csrc/simd.h"],
         language="c++",
         # -Wno-psabi: the AVX vector types never cross a function boundary (all inlined), so no ABI note applies.
         # -fopenmp: libgomp, which torch's CPU wheel loads first, so its thread team is shared (csrc/parallel.h).

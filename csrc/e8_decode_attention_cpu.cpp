@@ -13,6 +13,7 @@
 #include <cstring>
 #include <limits>
 
+#include "e8p.h"
 #include "hadamard.h"
 #include "parallel.h"
 #include "simd.h"
@@ -90,32 +91,10 @@ struct Codebooks {
   const float* res8;      // RES8 points times the 3-bit code's second-stage step 1/2 [256, 8] (exact)
 };
 
-// Sign handling of E8P as one small table: per (pattern parity, 7 sign bits), the XOR mask that flips the float
-// signs of those lanes and of lane 7, whose sign makes the number of negative signs match the pattern's parity.
-struct SignTables {
-  int32_t flip[2][128][kGroup];
-  v8f shift[2];  // +1/4 and -1/4 in every lane: the index's bit 15
-
-  SignTables() {
-    for (int parity = 0; parity < 2; ++parity) {
-      for (int s = 0; s < 128; ++s) {
-        const int signs = s | ((__builtin_parity(s) ^ parity) << 7);
-        for (int i = 0; i < kGroup; ++i) flip[parity][s][i] = (signs >> i) & 1 ? static_cast<int32_t>(0x80000000u) : 0;
-      }
-    }
-    shift[0] = v8f{} + 0.25f;
-    shift[1] = v8f{} - 0.25f;
-  }
-};
-const SignTables kSigns;
-
-// The E8P point of a 16-bit index (layout: codec/e8.py): pattern, 7 sign bits + the parity-fixed 8th, shift +-1/4.
-// Bit-identical to the codec's expanded table, from tables that stay in L1 (the 2 MiB expanded one does not).
+// The E8P point of a 16-bit index.
 NQ_INLINE v8f e8p_point(const Codebooks& cb, uint32_t index) {
   const uint32_t p = index & 0xFFu;
-  const v8i bits = *reinterpret_cast<const v8i_unaligned*>(cb.patterns + p * kGroup) ^
-                   *reinterpret_cast<const v8i_unaligned*>(kSigns.flip[cb.parity[p]][(index >> 8) & 0x7Fu]);
-  return reinterpret_cast<v8f>(bits) + kSigns.shift[index >> 15];
+  return nq::e8p_point(cb.patterns + p * kGroup, cb.parity[p], index);
 }
 
 // Unit-scale vector of `groups` groups coded at kBits from planar codes (stage-major, see codec/packing.py).

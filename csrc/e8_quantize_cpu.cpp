@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 
+#include "e8p.h"
 #include "hadamard.h"
 #include "parallel.h"
 #include "simd.h"
@@ -63,41 +64,63 @@ struct Target {
 };
 
 NQ_INLINE void score_bounds(const Tables& tb, const float* u, Target& tg) {
+  float norm[2];
   for (int s = 0; s < 2; ++s) {
-    float norm = 0.0f;
+    norm[s] = 0.0f;
     int negatives = 0;
     for (int i = 0; i < kGroup; ++i) {
       const float t = u[i] - kShift[s];
       tg.negative[s][i] = t < 0.0f;
       negatives += t < 0.0f;
       tg.abs_t[s][i] = std::fabs(t);
-      norm += tg.abs_t[s][i] * tg.abs_t[s][i];
+      norm[s] += tg.abs_t[s][i] * tg.abs_t[s][i];
     }
     tg.odd[s] = negatives & 1;
-    float gain[kPatterns] = {};
-    for (int i = 0; i < kGroup; ++i) {  // coordinate-major: the inner loop over patterns vectorizes
-      for (int p = 0; p < kPatterns; ++p) gain[p] += tb.pattern_t[i][p] * tg.abs_t[s][i];
+  }
+  // 8 patterns at a time (coordinate-major table), both shifts per load, twice the gains summed in registers over
+  // the coordinates in order 0..7 (doubling is exact: the same bounds as doubling the sum)
+  float twice_abs_t[2][kGroup];
+  for (int s = 0; s < 2; ++s) {
+    for (int i = 0; i < kGroup; ++i) twice_abs_t[s][i] = 2.0f * tg.abs_t[s][i];
+  }
+  for (int p = 0; p < kPatterns; p += kGroup) {
+    v8f twice_gain[2] = {};
+    for (int i = 0; i < kGroup; ++i) {
+      const v8f column = load8(&tb.pattern_t[i][p]);
+      for (int s = 0; s < 2; ++s) twice_gain[s] += column * twice_abs_t[s][i];
     }
-    for (int p = 0; p < kPatterns; ++p) tg.bound[s * kPatterns + p] = norm + tb.pattern_norm[p] - 2.0f * gain[p];
+    const v8f pattern_norm = load8(&tb.pattern_norm[p]);
+    for (int s = 0; s < 2; ++s) nq::store8(&tg.bound[s * kPatterns + p], norm[s] + pattern_norm - twice_gain[s]);
   }
 }
 
-// Coordinate whose sign flips to fix the parity of class c, or -1 when the target's signs already fit.
+NQ_INLINE v8f min8(v8f a, v8f b) { return a < b ? a : b; }
+
+// The smallest lane of v, in every lane.
+NQ_INLINE v8f lane_min(v8f m) {
+  m = min8(m, __builtin_shuffle(m, v8i{4, 5, 6, 7, 0, 1, 2, 3}));
+  m = min8(m, __builtin_shuffle(m, v8i{2, 3, 0, 1, 6, 7, 4, 5}));
+  return min8(m, __builtin_shuffle(m, v8i{1, 0, 3, 2, 5, 4, 7, 6}));
+}
+
+// Bit i set where lane i of the comparison result m is true (all ones); two shuffle-adds fold the lanes.
+NQ_INLINE unsigned lane_mask(v8i m) {
+  const v8i x = m & v8i{1, 2, 4, 8, 16, 32, 64, 128};
+  const v8i y = x + __builtin_shuffle(x, v8i{4, 5, 6, 7, 0, 1, 2, 3});
+  const v8i z = y + __builtin_shuffle(y, v8i{2, 3, 0, 1, 6, 7, 4, 5});
+  return static_cast<unsigned>(z[0] + z[1]);
+}
+
+// Coordinate whose sign flips to fix the parity of class c (the first with the smallest |pattern_i * t_i|), or -1
+// when the target's signs already fit; without branches (their outcome is a coin toss per class).
 NQ_INLINE int flip_at(const Tables& tb, const Target& tg, int c, float* cost) {
   const int s = c / kPatterns, p = c % kPatterns;
-  *cost = 0.0f;
-  if (tg.odd[s] == (tb.parity[p] != 0)) return -1;
-  int at = 0;
-  float best = tb.pattern[p][0] * tg.abs_t[s][0];
-  for (int i = 1; i < kGroup; ++i) {
-    const float w = tb.pattern[p][i] * tg.abs_t[s][i];
-    if (w < best) {
-      best = w;
-      at = i;
-    }
-  }
-  *cost = 4.0f * best;
-  return at;
+  const v8f w = load8(tb.pattern[p]) * load8(tg.abs_t[s]);
+  const v8f smallest = lane_min(w);
+  const int at = __builtin_ctz(lane_mask(w == smallest) | 0x100) & 7;  // 0 where a NaN hides the minimum
+  const bool wrong = tg.odd[s] != (tb.parity[p] != 0);
+  *cost = wrong ? 4.0f * smallest[0] : 0.0f;
+  return wrong ? at : -1;
 }
 
 NQ_INLINE float exact_distance(const Tables& tb, const Target& tg, int c) {
@@ -119,17 +142,9 @@ NQ_INLINE int32_t class_index(const Tables& tb, const Target& tg, int c) {
   return index;
 }
 
-NQ_INLINE void decode_e8p(const Tables& tb, int32_t index, float* out) {
+NQ_INLINE v8f decode_e8p(const Tables& tb, int32_t index) {
   const int p = index & 0xFF;
-  int negatives = 0;
-  const float shift = (index >> 15) & 1 ? -0.25f : 0.25f;
-  for (int i = 0; i < kGroup - 1; ++i) {
-    const int neg = (index >> (8 + i)) & 1;
-    negatives += neg;
-    out[i] = (neg ? -tb.pattern[p][i] : tb.pattern[p][i]) + shift;
-  }
-  const int neg_last = (negatives + tb.parity[p]) & 1;
-  out[kGroup - 1] = (neg_last ? -tb.pattern[p][kGroup - 1] : tb.pattern[p][kGroup - 1]) + shift;
+  return nq::e8p_point(tb.pattern[p], tb.parity[p], static_cast<uint32_t>(index));
 }
 
 // Nearest point of D8 (integer vectors with an even sum), rounding half to even like torch.round.
@@ -208,60 +223,90 @@ NQ_INLINE int exhaustive_class(const Tables& tb, const Target& tg) {
   return best;
 }
 
-// The kTopK+1 smallest values offered so far, ascending (ties: the earlier offer first), with their indices.
-struct Smallest {
-  float value[kTopK + 1];
-  int index[kTopK + 1];
-  int count = 0;
+// Per 8-bit lane mask, the lanes that are set, in order (then zeros): a shuffle that left-packs them.
+struct PackTable {
+  v8i lanes[256];
 
-  NQ_INLINE void offer(float v, int c) {
-    if (count == kTopK + 1 && !(v < value[kTopK])) return;
-    int j = count < kTopK + 1 ? count++ : kTopK;
-    while (j > 0 && v < value[j - 1]) {
-      value[j] = value[j - 1];
-      index[j] = index[j - 1];
-      --j;
+  PackTable() {
+    for (int mask = 0; mask < 256; ++mask) {
+      int n = 0;
+      lanes[mask] = v8i{};
+      for (int i = 0; i < kGroup; ++i) {
+        if (mask >> i & 1) lanes[mask][n++] = i;
+      }
     }
-    value[j] = v;
-    index[j] = c;
+  }
+};
+const PackTable kPack;
+
+// Appends the lanes of `values` where `within` is set to out[count..] (8 lanes are written); returns the new count.
+NQ_INLINE int append_lanes(v8i values, v8i within, int32_t* out, int count) {
+  const unsigned mask = lane_mask(within);
+  *reinterpret_cast<nq::v8i_unaligned*>(out + count) = __builtin_shuffle(values, kPack.lanes[mask]);
+  return count + __builtin_popcount(mask);
+}
+
+// The smallest lane of the 8 vectors v, in every lane.
+NQ_INLINE v8f smallest_lane(const v8f* v) {
+  v8f m = v[0];
+  for (int k = 1; k < kGroup; ++k) m = min8(m, v[k]);
+  return lane_min(m);
+}
+
+// The 16 smallest values offered so far, ascending in two vectors (ties: the earlier offer first), with their
+// indices; inserting is branch-free: R[i] = L[i-1] where v < L[i-1], else v where v < L[i], else L[i].
+struct Sorted16 {
+  v8f lo = v8f{} + std::numeric_limits<float>::infinity(), hi = lo;
+  v8i lo_index = {}, hi_index = {};
+
+  NQ_INLINE void offer(float v, int32_t index) {
+    const v8i up = {0, 8, 9, 10, 11, 12, 13, 14}, carry = {7, 8, 9, 10, 11, 12, 13, 14};
+    const v8f lowest = v8f{} - std::numeric_limits<float>::infinity();
+    const v8f lo_prev = __builtin_shuffle(lowest, lo, up), hi_prev = __builtin_shuffle(lo, hi, carry);
+    const v8i lo_index_prev = __builtin_shuffle(lo_index, lo_index, up);
+    const v8i hi_index_prev = __builtin_shuffle(lo_index, hi_index, carry);
+    const v8i lo_shift = v < lo_prev, hi_shift = v < hi_prev, lo_here = v < lo, hi_here = v < hi;
+    lo = lo_shift ? lo_prev : (lo_here ? v8f{} + v : lo);
+    hi = hi_shift ? hi_prev : (hi_here ? v8f{} + v : hi);
+    lo_index = lo_shift ? lo_index_prev : (lo_here ? v8i{} + index : lo_index);
+    hi_index = hi_shift ? hi_index_prev : (hi_here ? v8i{} + index : hi_index);
   }
 };
 
-// Bit i set where lane i of the comparison result m is true.
-NQ_INLINE unsigned lane_mask(v8i m) {
-  unsigned bits = 0;
-  for (int i = 0; i < kGroup; ++i) bits |= static_cast<unsigned>(m[i] & 1) << i;
-  return bits;
-}
-
-// out[k] = the minimum of the 8 values at bound[8k .. 8k+8), for k < 8.
-NQ_INLINE void block_mins8(const float* bound, float* out) {
-  v8f rows[kGroup];
-  for (int k = 0; k < kGroup; ++k) rows[k] = load8(bound + k * kGroup);
-  const v8f z = nq::reduce8(rows, [](v8f a, v8f b) { return a < b ? a : b; });
-  for (int k = 0; k < kGroup; ++k) out[k] = z[k];
-}
-
-// The kTopK+1 smallest of the 512 bounds, ascending: each lies in one of the kTopK+1 blocks of 8 classes with the
-// smallest minima (the torch path's `_smallest` does the same), and is no larger than the largest of those minima,
-// so only the classes of those blocks within that threshold are ranked (dropping larger ones changes no outcome);
-// one vector compare per block finds them.
+// The kTopK+1 smallest of the 512 bounds, ascending. Each lies in one of the kTopK+1 blocks of 8 classes with the
+// smallest minima (the torch path's `_smallest` does the same), so it is no larger than T, the (kTopK+1)-th smallest
+// block minimum: only the classes within T are ranked. Branch-free but for two short loops, since mispredicted
+// branches were most of this search's time: T by removing the smallest block minimum left kTopK times (a tie removes
+// all its copies at once, which can only raise T: more classes ranked, none lost); the blocks, then the classes,
+// within T left-packed into lists; each class inserted into a sorted vector pair.
 NQ_INLINE void smallest_bounds(const float* bound, int* top) {
-  constexpr int kBlocks = kClasses / kGroup;
-  float block_min[kBlocks];
-  for (int b = 0; b < kBlocks; b += kGroup) block_mins8(bound + b * kGroup, block_min + b);
-  Smallest blocks, classes;
-  for (int b = 0; b < kBlocks; ++b) blocks.offer(block_min[b], b);
-  const v8f threshold = v8f{} + blocks.value[kTopK];
-  for (int k = 0; k < kTopK + 1; ++k) {
-    const int first = blocks.index[k] * kGroup;
-    const v8i within = ~(load8(bound + first) > threshold);  // NaN counts as within: kTopK+1 classes still rank
-    for (unsigned m = lane_mask(within); m != 0; m &= m - 1) {
-      const int c = first + __builtin_ctz(m);
-      classes.offer(bound[c], c);
-    }
+  static_assert(kTopK + 1 <= 16, "Sorted16 holds the ranking");
+  constexpr int kRows = kClasses / kGroup / kGroup;  // rows of 8 block minima
+  const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  v8f block_min[kRows], left[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    v8f blocks[kGroup];
+    for (int k = 0; k < kGroup; ++k) blocks[k] = load8(bound + (r * kGroup + k) * kGroup);
+    block_min[r] = left[r] = nq::reduce8(blocks, min8);
   }
-  for (int k = 0; k < kTopK + 1; ++k) top[k] = classes.index[k];
+  const v8f removed = v8f{} + std::numeric_limits<float>::infinity();
+  for (int k = 0; k < kTopK; ++k) {
+    const v8f m = smallest_lane(left);
+    for (int r = 0; r < kRows; ++r) left[r] = left[r] == m ? removed : left[r];
+  }
+  const v8f threshold = smallest_lane(left);
+  int32_t blocks[kClasses / kGroup + kGroup], classes[kClasses + kGroup];
+  int num_blocks = 0, num_classes = 0;
+  for (int r = 0; r < kRows; ++r) {
+    num_blocks = append_lanes(lane + r * kGroup, ~(block_min[r] > threshold), blocks, num_blocks);
+  }
+  for (int b = 0; b < num_blocks; ++b) {
+    const int first = blocks[b] * kGroup;  // NaN counts as within
+    num_classes = append_lanes(lane + first, ~(load8(bound + first) > threshold), classes, num_classes);
+  }
+  Sorted16 ranked;
+  for (int k = 0; k < num_classes; ++k) ranked.offer(bound[classes[k]], classes[k]);
+  for (int k = 0; k < kTopK + 1; ++k) top[k] = k < kGroup ? ranked.lo_index[k] : ranked.hi_index[k - kGroup];
 }
 
 // `beam` stage-1 candidates, nearest first, chosen like codec/e8.py's e8p_candidates: the kTopK classes with the
@@ -288,13 +333,14 @@ NQ_INLINE void e8p_candidates(const Tables& tb, const float* u, int beam, Target
   if (tg.bound[top[kTopK]] < exact[0]) out[0] = class_index(tb, tg, exhaustive_class(tb, tg));
 }
 
-// Exact nearest E8P codeword: the lattice point when it is a codeword, else the first minimum of the exact distance
-// over the 512 classes, skipping those whose bound cannot beat the best so far.
+// Exact nearest E8P codeword: the lattice point when it is a codeword, else the certified bounded search (the
+// first of e8p_candidates, as the torch path's e8p_encode does).
 NQ_INLINE int32_t nearest_e8p(const Tables& tb, const float* u, Target& tg) {
   const int32_t fast = lattice_e8p_index(u, tb.lookup);
   if (fast >= 0) return fast;
-  score_bounds(tb, u, tg);
-  return class_index(tb, tg, exhaustive_class(tb, tg));
+  int32_t nearest;
+  e8p_candidates(tb, u, 1, tg, &nearest);
+  return nearest;
 }
 
 // For each of the n residuals r[b] (n <= kMaxBeam): the first index of the smallest squared distance (up to the
@@ -306,18 +352,20 @@ NQ_INLINE void nearest_res8_n(const Tables& tb, const float (*r)[kGroup], int32_
   const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
   v8f best[kMaxBeam];
   v8i best_index[kMaxBeam];
+  float twice_r[kMaxBeam][kGroup];  // doubling is exact: the same distances as doubling the scores
   for (int b = 0; b < n; ++b) {
     best[b] = v8f{} + std::numeric_limits<float>::infinity();
     best_index[b] = v8i{};
+    for (int i = 0; i < kGroup; ++i) twice_r[b][i] = 2.0f * r[b][i];
   }
   for (int j = 0; j < kPatterns; j += kGroup) {
     v8f row[kGroup];
     for (int i = 0; i < kGroup; ++i) row[i] = load8(&tb.res8_t[i][j]);
     const v8f norm = load8(&tb.res8_norm[j]);
     for (int b = 0; b < n; ++b) {
-      v8f score = {};
-      for (int i = 0; i < kGroup; ++i) score += r[b][i] * row[i];
-      const v8f distance = norm - 2.0f * score;
+      v8f twice_score = {};
+      for (int i = 0; i < kGroup; ++i) twice_score += twice_r[b][i] * row[i];
+      const v8f distance = norm - twice_score;
       const v8i better = distance < best[b];
       best[b] = better ? distance : best[b];
       best_index[b] = better ? lane + j : best_index[b];
@@ -344,44 +392,42 @@ NQ_INLINE void nearest_res8(const Tables& tb, const float (*r)[kGroup], int n, i
 
 // Codes one 8-dim unit-scale group; writes its stage indices and decoded point.
 NQ_INLINE void code_group(const Tables& tb, const Config& cfg, const float* u, Target& tg, int32_t* code1,
-                int32_t* code2, float* decoded) {
+                          int32_t* code2, float* decoded) {
+  const v8f target = load8(u);
   if (cfg.bits == 2) {
     *code1 = nearest_e8p(tb, u, tg);
-    decode_e8p(tb, *code1, decoded);
+    nq::store8(decoded, decode_e8p(tb, *code1));
     return;
   }
   if (cfg.bits == 4) {
-    float point[kGroup], residual[kGroup], second[kGroup];
+    float residual[kGroup];
     *code1 = nearest_e8p(tb, u, tg);
-    decode_e8p(tb, *code1, point);
-    for (int i = 0; i < kGroup; ++i) residual[i] = (u[i] - point[i]) / cfg.step2;
+    const v8f point = decode_e8p(tb, *code1);
+    nq::store8(residual, (target - point) / cfg.step2);
     *code2 = nearest_e8p(tb, residual, tg);
-    decode_e8p(tb, *code2, second);
-    for (int i = 0; i < kGroup; ++i) decoded[i] = point[i] + second[i] * cfg.step2;
+    nq::store8(decoded, point + decode_e8p(tb, *code2) * cfg.step2);
     return;
   }
   int32_t candidates[kMaxBeam], second[kMaxBeam];
-  float point[kMaxBeam][kGroup], residual[kMaxBeam][kGroup];
+  v8f point[kMaxBeam];
+  float residual[kMaxBeam][kGroup];
   e8p_candidates(tb, u, cfg.beam, tg, candidates);
   for (int b = 0; b < cfg.beam; ++b) {
-    decode_e8p(tb, candidates[b], point[b]);
-    for (int i = 0; i < kGroup; ++i) residual[b][i] = (u[i] - point[b][i]) / cfg.step2;
+    point[b] = decode_e8p(tb, candidates[b]);
+    nq::store8(residual[b], (target - point[b]) / cfg.step2);
   }
   nearest_res8(tb, residual, cfg.beam, second);
   float best_error = std::numeric_limits<float>::infinity();
   for (int b = 0; b < cfg.beam; ++b) {
-    float sum[kGroup];
-    const int32_t j = second[b];
+    const v8f sum = point[b] + load8(tb.res8[second[b]]) * cfg.step2;
+    const v8f e = (target - sum) * (target - sum);
     float error = 0.0f;
-    for (int i = 0; i < kGroup; ++i) {
-      sum[i] = point[b][i] + tb.res8[j][i] * cfg.step2;
-      error += (u[i] - sum[i]) * (u[i] - sum[i]);
-    }
+    for (int i = 0; i < kGroup; ++i) error += e[i];  // in order, like the reference's rounding
     if (b == 0 || error < best_error) {  // a NaN input keeps candidate 0
       best_error = error;
       *code1 = candidates[b];
-      *code2 = j;
-      for (int i = 0; i < kGroup; ++i) decoded[i] = sum[i];
+      *code2 = second[b];
+      nq::store8(decoded, sum);
     }
   }
 }
