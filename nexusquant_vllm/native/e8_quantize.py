@@ -24,7 +24,7 @@ from nexusquant_vllm.native.library import check_cpu, check_in_range, check_page
 LIBRARY = "_e8_quantize_cpu"
 MAX_HEAD_DIM = 512  # kMaxDim of the C++ code
 _PARALLEL_MIN_ELEMENTS = 1 << 15  # quantize: below this, one thread
-# store_kv: token-heads per thread at least (one costs ~35 us at 3+2 bits, an OpenMP hand-off a few us), so a
+# store_kv: token-heads per thread at least (one costs ~35-45 us at 3+2 bits, an OpenMP hand-off a few us), so a
 # decode step's 8 x 3 token-heads already go to two threads
 _STORE_MIN_ROWS_PER_THREAD = 4
 
