@@ -1,6 +1,6 @@
 // Native CPU E8 quantizer: the same algorithm as nexusquant_vllm/codec/quantizer.py (scale candidates, least-squares
-// scale refit, E8P stage 1 with a 4-candidate beam at 3 bits, RES8 / E8P residual stage), one vector at a time with
-// early-exit loops instead of the torch path's padded [n, 512] temporaries.
+// scale refit, E8P stage 1 with a 4-candidate beam at 3 bits, RES8 / E8P residual stage), one vector at a time in
+// 8-lane vector code (the class selection branch-free) instead of the torch path's padded [n, 512] temporaries.
 //
 // Plain C ABI, called through ctypes (no torch headers, so the build needs only a C++ compiler). The codebook tables
 // come from the caller (the torch codec builds them), so there is one source of truth for every codeword.
