@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+CODEC_VERSION = 1  # bump when stored codes change meaning (rotation, codebooks, slot layout): persisted pages miss
 SUPPORTED_BITS = (2, 3, 4)
 SCALE_BYTES = 2  # one fp16 scale per vector
 GROUP = 8  # E8 works on groups of 8 elements

@@ -223,6 +223,33 @@ def kv_transfer_group():
     return get_kv_transfer_group() if has_kv_transfer_group() else None
 
 
+def kv_connector(cls: type):
+    """This process's KV connector of class ``cls``, installed alone or inside vLLM's ``MultiConnector``; None."""
+    group = kv_transfer_group()
+    for connector in getattr(group, "sub_connectors", None) or [group]:
+        if isinstance(connector, cls):
+            return connector
+    return None
+
+
+def register_connector(name: str, module: str) -> None:
+    """Make ``name`` a KV connector name vLLM knows (``--kv-transfer-config '{"kv_connector": name}'`` with no
+    module path, and the stats of a ``MultiConnector``, which vLLM rebuilds by name across processes)."""
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    if name not in KVConnectorFactory._registry:
+        KVConnectorFactory.register_connector(name, module, name)
+
+
+def parallel_rank(vllm_config) -> tuple[int, int]:
+    """This worker's rank among the tensor x pipeline parallel workers of one engine, and their number."""
+    from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+
+    parallel = vllm_config.parallel_config
+    tp = parallel.tensor_parallel_size
+    return get_pp_group().rank_in_group * tp + get_tp_group().rank_in_group, tp * parallel.pipeline_parallel_size
+
+
 def attention_layers(vllm_config) -> dict:
     """Every ``Attention`` layer of the loaded model, by name."""
     from vllm.config import get_layers_from_vllm_config

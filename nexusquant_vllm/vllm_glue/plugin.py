@@ -45,12 +45,15 @@ def register() -> None:
     if _registered:
         return
     from nexusquant_vllm.vllm_glue import compat, startup
-    from nexusquant_vllm.vllm_glue.eviction.params import validate_extra_arg
+    from nexusquant_vllm.vllm_glue.eviction import params as eviction
+    from nexusquant_vllm.vllm_glue.offload import params as offload
 
     compat.register_kv_cache_dtypes(dtype_names())
     compat.register_backend_name(BACKEND_NAME, backend_path(DEFAULT_DTYPE))
     compat.wrap_backend_selection(_choose_backend)
     compat.wrap_create_engine_config(startup.before_engine_config, startup.after_engine_config)
     compat.wrap_get_kv_cache_spec(startup.check_worker_layers)
-    compat.wrap_extra_args_validation(validate_extra_arg)  # nq_eviction & co.: a clear error / HTTP 400
+    compat.wrap_extra_args_validation(eviction.validate_extra_arg)  # nq_eviction & co.: a clear error / HTTP 400
+    compat.register_connector(eviction.CONNECTOR_NAME, eviction.CONNECTOR_MODULE)
+    compat.register_connector(offload.CONNECTOR_NAME, offload.CONNECTOR_MODULE)
     _registered = True

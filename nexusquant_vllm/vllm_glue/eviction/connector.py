@@ -246,15 +246,7 @@ class NQEvictionConnector(KVConnectorBase_V1):
 
     def _eviction_point(self, state) -> tuple[int, float] | None:
         """The prompt tokens to score and evict among and the request's rate, or None if it evicts nothing."""
-        if state.sampling_params is None:  # a pooling request: nothing is generated, nothing evicted
-            return None
-        extra_args = state.sampling_params.extra_args
-        try:
-            rate = params.request_rate(self.default_policy, extra_args)
-            evict_at = params.eviction_point(extra_args, state.num_prompt_tokens)
-        except ValueError:
-            return None
-        return (evict_at, rate) if rate > 0 and evict_at >= self.default_policy.min_prompt_tokens else None
+        return params.request_eviction(self.default_policy, state.sampling_params, state.num_prompt_tokens)
 
     # ---- scheduler side ---------------------------------------------------------------------------------------
 
@@ -355,8 +347,8 @@ class NQEvictionConnector(KVConnectorBase_V1):
 def _on_update_states(runner, scheduler_output: "SchedulerOutput") -> None:
     """After vLLM's ``_update_states`` (``compat.wrap_update_states``): hand the step to this process's eviction
     connector, if it is one (a no-op for runs without it)."""
-    connector = compat.kv_transfer_group()
-    if isinstance(connector, NQEvictionConnector):
+    connector = compat.kv_connector(NQEvictionConnector)
+    if connector is not None:
         connector.on_update_states(runner, scheduler_output)
 
 

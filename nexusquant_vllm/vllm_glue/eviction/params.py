@@ -139,6 +139,36 @@ def request_rate(default: EvictionPolicy, extra_args: dict | None) -> float:
     return parse_rate(extra_args[EXTRA_ARG], EXTRA_ARG)
 
 
+def request_eviction(default: EvictionPolicy, sampling_params, num_prompt_tokens: int) -> tuple[int, float] | None:
+    """``(evict_at, rate)`` of a request that evicts (its prompt tokens scored before the eviction fires, and its
+    rate); None if it evicts nothing: a pooling request, rate 0, fewer than ``min_prompt_tokens`` tokens to score,
+    or an invalid value (refused at request construction already; the engine core must not crash on it)."""
+    if sampling_params is None:
+        return None
+    extra_args = sampling_params.extra_args
+    try:
+        rate = request_rate(default, extra_args)
+        evict_at = eviction_point(extra_args, num_prompt_tokens)
+    except ValueError:
+        return None
+    return (evict_at, rate) if rate > 0 and evict_at >= default.min_prompt_tokens else None
+
+
+def installed_policy(kv_transfer_config) -> EvictionPolicy | None:
+    """The server default of the eviction connector ``kv_transfer_config`` installs, alone or inside vLLM's
+    ``MultiConnector``; None if it installs none."""
+    if kv_transfer_config is None:
+        return None
+    entries = [{"kv_connector": kv_transfer_config.kv_connector,
+                "kv_connector_extra_config": kv_transfer_config.kv_connector_extra_config}]
+    if kv_transfer_config.kv_connector == "MultiConnector":
+        entries = kv_transfer_config.kv_connector_extra_config.get("connectors", [])
+    for entry in entries:
+        if entry.get("kv_connector") == CONNECTOR_NAME:
+            return server_policy(entry.get("kv_connector_extra_config") or {})
+    return None
+
+
 def request_policy(default: EvictionPolicy, extra_args: dict | None) -> EvictionPolicy:
     """The policy of one request: the server default with the request's ``nq_eviction`` / protected ranges."""
     if not extra_args or (EXTRA_ARG not in extra_args and PROTECT_ARG not in extra_args):
