@@ -233,10 +233,10 @@ class RecordCodec:
         at += key_len
         if at >= len(view) or view[at] != len(STREAMS):
             raise RecordError("truncated or malformed stream table")
+        if at + 1 + len(STREAMS) * _STREAM.size + _CRC.size > len(view):
+            raise RecordError("truncated header")
         table = [_STREAM.unpack_from(view, at + 1 + i * _STREAM.size) for i in range(len(STREAMS))]
         at += 1 + len(STREAMS) * _STREAM.size
-        if at + _CRC.size > len(view):
-            raise RecordError("truncated header")
         (crc,) = _CRC.unpack_from(view, at)
         body = view[at + _CRC.size :]
         if len(body) != sum(entry[4] for entry in table):

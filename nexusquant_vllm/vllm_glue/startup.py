@@ -90,6 +90,9 @@ def before_engine_config(engine_args) -> None:
 
 
 def after_engine_config(engine_args, vllm_config) -> None:
+    from nexusquant_vllm.vllm_glue.offload.params import check_engine_config
+
+    check_engine_config(vllm_config)
     cache_config = vllm_config.cache_config
     if not is_served(cache_config.cache_dtype):
         return

@@ -154,21 +154,6 @@ def request_eviction(default: EvictionPolicy, sampling_params, num_prompt_tokens
     return (evict_at, rate) if rate > 0 and evict_at >= default.min_prompt_tokens else None
 
 
-def installed_policy(kv_transfer_config) -> EvictionPolicy | None:
-    """The server default of the eviction connector ``kv_transfer_config`` installs, alone or inside vLLM's
-    ``MultiConnector``; None if it installs none."""
-    if kv_transfer_config is None:
-        return None
-    entries = [{"kv_connector": kv_transfer_config.kv_connector,
-                "kv_connector_extra_config": kv_transfer_config.kv_connector_extra_config}]
-    if kv_transfer_config.kv_connector == "MultiConnector":
-        entries = kv_transfer_config.kv_connector_extra_config.get("connectors", [])
-    for entry in entries:
-        if entry.get("kv_connector") == CONNECTOR_NAME:
-            return server_policy(entry.get("kv_connector_extra_config") or {})
-    return None
-
-
 def request_policy(default: EvictionPolicy, extra_args: dict | None) -> EvictionPolicy:
     """The policy of one request: the server default with the request's ``nq_eviction`` / protected ranges."""
     if not extra_args or (EXTRA_ARG not in extra_args and PROTECT_ARG not in extra_args):

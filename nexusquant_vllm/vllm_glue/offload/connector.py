@@ -9,8 +9,8 @@ run_namespaces`: model, weights, dtypes, codec version, block size, protected la
 * **Scheduler.** ``get_num_new_matched_tokens`` counts the request's consecutive full blocks past the local prefix
   hit that the tier holds (the RAM tier's keys, as the workers report them, or a file of every rank in the disk
   directory), never the block holding the last prompt token. ``build_connector_meta`` sends the workers this step's
-  loads (block id, key) and saves: every block that this step completes, unless the tier already has it or the
-  request's eviction (:mod:`nexusquant_vllm.vllm_glue.eviction`) computes it over holes.
+  loads (block id, key) and saves: every block that this step completes and that vLLM's own prefix cache holds
+  (so exactly what vLLM would serve as a prefix hit), unless the tier already has it.
 * **Workers.** ``start_load_kv`` (before the forward) writes the loaded blocks into every layer's pages; a block no
   tier can supply intact is reported through ``get_block_ids_with_load_errors`` and vLLM recomputes it
   (``kv_load_failure_policy="recompute"``, required). ``wait_for_save`` (after the forward) copies the saved blocks
@@ -19,9 +19,10 @@ run_namespaces`: model, weights, dtypes, codec version, block size, protected la
 
 Loads are synchronous (in the step's own forward): reading 44 bytes per token-head from RAM or a warm disk is far
 cheaper than a step. With eviction, both connectors run in vLLM's ``MultiConnector`` (``params.kv_transfer_config(
-eviction=...)``): they share no state, and the only rule between them (do not save what eviction makes stale) reads
-the same per-request eviction settings. Compacted blocks are saved before compaction rewrites them (the save copy
-happens in the step that computes them; compaction runs in a later step).
+eviction=...)``), the eviction connector first, and share no state: the eviction connector keeps vLLM's prefix cache
+free of blocks computed over its holes (and of the blocks its compaction rewrites), deciding before this connector
+plans its saves in the same step, so the tier never stores them either. A compacted block was saved in the step
+that completed it, before the compaction (a later step) rewrote it.
 """
 
 from __future__ import annotations
@@ -41,13 +42,16 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
-from nexusquant_vllm.attention.paged import NULL_BLOCK_ID
-from nexusquant_vllm.codec.format import E8_DTYPES
 from nexusquant_vllm.offload import BlockLayout, DiskTier, KVTierStore, LayerPages, RamTier, RecordCodec
 from nexusquant_vllm.vllm_glue import compat
-from nexusquant_vllm.vllm_glue.eviction import params as eviction_params
 from nexusquant_vllm.vllm_glue.offload.metrics import OffloadPromMetrics, OffloadStats
-from nexusquant_vllm.vllm_glue.offload.params import OffloadSettings, run_namespaces
+from nexusquant_vllm.vllm_glue.offload.params import (
+    PREFIX_CACHING_NEEDED,
+    RECOMPUTE_NEEDED,
+    OffloadSettings,
+    check_dtype,
+    run_namespaces,
+)
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -79,7 +83,6 @@ class OffloadWorkerMetadata(KVConnectorWorkerMetadata):
 class _Tracked:
     request: "Request"
     next_block: int  # logical blocks before it are loaded, saved or skipped
-    save_limit: int | None  # tokens past which the request's KV is computed over evicted holes
 
 
 class NQOffloadConnector(KVConnectorBase_V1):
@@ -87,19 +90,16 @@ class NQOffloadConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config, role, kv_cache_config)
-        dtype = vllm_config.cache_config.cache_dtype
-        if dtype not in E8_DTYPES:
-            raise ValueError(f"the nexusquant offload tier stores E8 pages: it needs an e8 --kv-cache-dtype "
-                             f"({', '.join(E8_DTYPES)}), got {dtype!r}")
+        check_dtype(vllm_config.cache_config.cache_dtype)
         groups = len(kv_cache_config.kv_cache_groups) if kv_cache_config is not None else 1
         if groups != 1:
             raise ValueError(f"the nexusquant offload tier supports models with one KV-cache group; this one has "
                              f"{groups}")
         transfer = self._kv_transfer_config
         if transfer.kv_load_failure_policy != "recompute":
-            raise ValueError('the nexusquant offload tier needs "kv_load_failure_policy": "recompute" in '
-                             "--kv-transfer-config (a block that fails its checks is recomputed, never loaded); "
-                             "nexusquant_vllm.vllm_glue.offload.kv_transfer_config() sets it")
+            raise ValueError(RECOMPUTE_NEEDED)
+        if not vllm_config.cache_config.enable_prefix_caching:
+            raise ValueError(PREFIX_CACHING_NEEDED)
         self.settings = OffloadSettings.from_extra(transfer.kv_connector_extra_config)
         self.block_size = vllm_config.cache_config.block_size
         self.namespaces = run_namespaces(vllm_config)
@@ -109,7 +109,6 @@ class NQOffloadConnector(KVConnectorBase_V1):
             self._load_errors: set[int] = set()
         else:
             self.disks = [self._disk(ns) for ns in self.namespaces] if self.settings.disk_dir else []
-            self.eviction = eviction_params.installed_policy(transfer)
             self._in_ram: Counter[bytes] = Counter()  # ranks whose RAM tier holds the key
             self._hits: dict[str, tuple[int, list[bytes]]] = {}
             self._loads: list[tuple[int, bytes]] = []
@@ -238,10 +237,7 @@ class NQOffloadConnector(KVConnectorBase_V1):
         loaded = num_external_tokens // self.block_size
         block_ids = blocks.get_block_ids()[0]
         self._loads.extend((block_ids[start + i], keys[i]) for i in range(min(loaded, len(keys))))
-        point = None
-        if self.eviction is not None:
-            point = eviction_params.request_eviction(self.eviction, request.sampling_params, request.num_prompt_tokens)
-        self._tracked[request.request_id] = _Tracked(request, start + loaded, point[0] if point else None)
+        self._tracked[request.request_id] = _Tracked(request, start + loaded)
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
         meta = connector_output.kv_connector_worker_meta
@@ -263,21 +259,19 @@ class NQOffloadConnector(KVConnectorBase_V1):
         return meta
 
     def _completed_blocks(self, tracked: _Tracked, num_scheduled: int) -> list[tuple[int, bytes]]:
-        """Blocks of the request that this step's tokens complete and that the tier lacks (advances the
-        request's cursor)."""
+        """Blocks of the request that this step's tokens complete, that vLLM's prefix cache holds (vLLM caches a
+        block when it schedules the tokens completing it) and that the tier lacks; advances the request's
+        cursor."""
         request = tracked.request
-        tokens = request.num_computed_tokens + num_scheduled
-        if tracked.save_limit is not None:
-            tokens = min(tokens, tracked.save_limit)
-        end = min(tokens // self.block_size, len(request.block_hashes))
+        end = min((request.num_computed_tokens + num_scheduled) // self.block_size, len(request.block_hashes))
         if end <= tracked.next_block:
             return []
-        block_ids = self._kv_cache_manager.get_block_ids(request.request_id)[0]
+        blocks = self._kv_cache_manager.get_blocks(request.request_id).blocks[0]
         saves = []
         for i in range(tracked.next_block, end):
             key = bytes(request.block_hashes[i])
-            if block_ids[i] != NULL_BLOCK_ID and not self._has(key):
-                saves.append((block_ids[i], key))
+            if blocks[i].block_hash is not None and not self._has(key):
+                saves.append((blocks[i].block_id, key))
         tracked.next_block = end
         return saves
 

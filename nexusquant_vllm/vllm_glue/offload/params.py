@@ -23,13 +23,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nexusquant_vllm.codec.format import CODEC_VERSION
+from nexusquant_vllm.codec.format import CODEC_VERSION, E8_DTYPES
 from nexusquant_vllm.offload.record import DEFAULT_TRANSFORMS, check_transforms, namespace
 from nexusquant_vllm.vllm_glue.eviction import params as eviction_params
 
 CONNECTOR_NAME = "NQOffloadConnector"
 CONNECTOR_MODULE = "nexusquant_vllm.vllm_glue.offload.connector"
 GIB = 1 << 30
+RECOMPUTE_NEEDED = (
+    'the nexusquant offload tier needs "kv_load_failure_policy": "recompute" in --kv-transfer-config, at the top '
+    "level and, inside a MultiConnector, in its own entry (a block that fails its checks is recomputed, never "
+    "loaded); nexusquant_vllm.vllm_glue.offload.kv_transfer_config() sets it"
+)
+PREFIX_CACHING_NEEDED = (
+    "the nexusquant offload tier serves prefix hits keyed by vLLM's prefix-cache block hashes: it needs prefix "
+    "caching on (drop --no-enable-prefix-caching)"
+)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
@@ -71,22 +80,51 @@ def kv_transfer_config(ram_gb: float = 4.0, disk_dir: str | os.PathLike | None =
     """The ``kv_transfer_config`` that installs the compressed KV tier, e.g. ``LLM(..., kv_transfer_config=
     kv_transfer_config(disk_dir="/var/cache/nq"))``; on the command line the same dict as JSON to
     ``--kv-transfer-config``. With ``eviction`` (a preset or rate, as for the eviction connector) both connectors
-    run inside vLLM's ``MultiConnector``, the tier first (it answers prefix lookups; the eviction connector never
-    does). A block that fails to load is recomputed (``kv_load_failure_policy="recompute"``)."""
+    run inside vLLM's ``MultiConnector``, the eviction connector first (it decides which blocks leave the prefix
+    cache before the tier plans its saves in the same step; see the connector's docstring). A block that fails to
+    load is recomputed (``kv_load_failure_policy="recompute"``, which vLLM reads at the top level and the tier
+    checks in its own entry)."""
     extra: dict[str, Any] = {"ram_gb": ram_gb, "disk_gb": disk_gb}
     if disk_dir is not None:
         extra["disk_dir"] = str(disk_dir)
     OffloadSettings.from_extra(extra)
     offload = {"kv_connector": CONNECTOR_NAME, "kv_connector_module_path": CONNECTOR_MODULE,
-               "kv_role": "kv_both", "kv_connector_extra_config": extra}
+               "kv_role": "kv_both", "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
     if eviction is None:
-        return {**offload, "kv_load_failure_policy": "recompute"}
+        return offload
     return {
         "kv_connector": "MultiConnector", "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {
-            "connectors": [offload, eviction_params.kv_transfer_config(eviction, **eviction_extra)]
+            "connectors": [eviction_params.kv_transfer_config(eviction, **eviction_extra), offload]
         },
     }
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in E8_DTYPES:
+        raise ValueError(f"the nexusquant offload tier stores E8 pages: it needs an e8 --kv-cache-dtype "
+                         f"({', '.join(E8_DTYPES)}), got {dtype!r}")
+
+
+def check_engine_config(vllm_config) -> None:
+    """One clear error, in the process that builds the engine config, for a run that installs the tier but cannot
+    serve it (the connector checks again where it is built, in the engine core and the workers)."""
+    transfer = vllm_config.kv_transfer_config
+    if transfer is None:
+        return
+    entries = [{"kv_connector": transfer.kv_connector, "kv_load_failure_policy": transfer.kv_load_failure_policy,
+                "kv_connector_extra_config": transfer.kv_connector_extra_config}]
+    if transfer.kv_connector == "MultiConnector":
+        entries = transfer.kv_connector_extra_config.get("connectors", [])
+    for entry in entries:
+        if entry.get("kv_connector") != CONNECTOR_NAME:
+            continue
+        check_dtype(vllm_config.cache_config.cache_dtype)
+        if "recompute" != transfer.kv_load_failure_policy or "recompute" != entry.get("kv_load_failure_policy"):
+            raise ValueError(RECOMPUTE_NEEDED)
+        if not vllm_config.cache_config.enable_prefix_caching:
+            raise ValueError(PREFIX_CACHING_NEEDED)
+        OffloadSettings.from_extra(entry.get("kv_connector_extra_config") or {})
 
 
 def run_namespaces(vllm_config) -> list[bytes]:
