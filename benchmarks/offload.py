@@ -132,7 +132,7 @@ def stream_sizes(blocks, lay) -> list[dict]:
     """Bytes per token of each stream under every transform, zstd on and off, and with a trained dictionary."""
     import zstandard
 
-    from nexusquant_vllm.offload.record import TRANSFORMS, ZSTD_LEVEL, forward_transform, split_streams
+    from nexusquant_vllm.offload.record import TRANSFORMS, ZSTD_LEVEL, applies, forward_transform, split_streams
 
     streams = [split_streams(pages, lay) for _, pages in blocks]
     tokens = len(blocks) * BLOCK_SIZE
@@ -141,7 +141,7 @@ def stream_sizes(blocks, lay) -> list[dict]:
         if not streams[0][stream].size:
             continue
         for name in TRANSFORMS:
-            if name == "delta_planes" and stream != "scales":
+            if not applies(name, stream):
                 continue
             data = [forward_transform(name, stream, s[stream]) for s in streams]
             zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)

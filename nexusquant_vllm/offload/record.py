@@ -4,7 +4,8 @@ transformed and zstd-compressed.
 A block's pages (one ``[H_kv, block_size, row_bytes]`` uint8 array per layer, in layer order) are split into three
 streams that compress differently:
 
-* ``codes``: the packed E8 indices of every E8 layer (the first ``code_bytes`` of each slot);
+* ``codes``: the packed E8 indices of every E8 layer (the first ``code_bytes`` of each slot, ``[layer-heads,
+  block_size, code_bytes]``);
 * ``scales``: their fp16 scales (the slot's last 4 bytes: K scale, V scale);
 * ``dense``: the protected layers' pages, raw model-dtype ``[K | V]`` rows (2-byte elements).
 
@@ -38,8 +39,9 @@ FORMAT_VERSION = 1
 NAMESPACE_BYTES = 16
 SCALE_SLOT_BYTES = 4  # K scale and V scale, fp16 each
 STREAMS = ("codes", "scales", "dense")
-TRANSFORMS = ("raw", "planes", "delta_planes")
-DEFAULT_TRANSFORMS = {"codes": "raw", "scales": "delta_planes", "dense": "planes"}
+TRANSFORMS = ("raw", "planes", "delta_planes", "xor_tokens")
+ONLY_FOR = {"delta_planes": "scales", "xor_tokens": "codes"}
+DEFAULT_TRANSFORMS = {"codes": "xor_tokens", "scales": "delta_planes", "dense": "planes"}
 ZSTD_LEVEL = 3
 
 _HEAD = struct.Struct("<4sH16sH")
@@ -98,19 +100,20 @@ def namespace(*parts: object) -> bytes:
 
 
 def split_streams(pages: list[np.ndarray], layout: BlockLayout) -> dict[str, np.ndarray]:
-    """Per-layer uint8 pages -> the three streams (1-D uint8; ``scales`` as ``[n, block_size, 2]`` uint16 per
-    E8 layer-head, tokens on axis 1, so deltas run along tokens)."""
+    """Per-layer uint8 pages -> the three streams: ``codes`` ``[n, block_size, code_bytes]`` uint8 and ``scales``
+    ``[n, block_size, 2]`` uint16 over the n E8 layer-heads (tokens on axis 1, so deltas run along tokens), ``dense``
+    1-D uint8."""
     codes, scales, dense = [], [], []
     for page, layer in zip(pages, layout.layers, strict=True):
         if layer.is_codec:
-            codes.append(page[..., : layer.code_bytes].reshape(-1))
+            codes.append(page[..., : layer.code_bytes].reshape(-1, layer.block_size, layer.code_bytes))
             scales.append(np.ascontiguousarray(page[..., layer.code_bytes :]).view(np.uint16).reshape(-1, layer.block_size, 2))
         else:
             dense.append(page.reshape(-1))
     return {
-        "codes": _cat(codes),
+        "codes": np.concatenate(codes) if codes else np.zeros((0, 1, 1), np.uint8),
         "scales": np.concatenate(scales) if scales else np.zeros((0, 1, 2), np.uint16),
-        "dense": _cat(dense),
+        "dense": np.concatenate(dense) if dense else np.zeros(0, np.uint8),
     }
 
 
@@ -119,24 +122,17 @@ def join_streams(streams: dict[str, np.ndarray], layout: BlockLayout) -> list[np
     pages, code_at, dense_at, scale_at = [], 0, 0, 0
     for layer in layout.layers:
         if layer.is_codec:
-            n = layer.heads * layer.block_size
             page = np.empty((layer.heads, layer.block_size, layer.row_bytes), np.uint8)
-            page[..., : layer.code_bytes] = streams["codes"][code_at : code_at + n * layer.code_bytes].reshape(
-                layer.heads, layer.block_size, layer.code_bytes
-            )
+            page[..., : layer.code_bytes] = streams["codes"][code_at : code_at + layer.heads]
             page[..., layer.code_bytes :] = (
                 streams["scales"][scale_at : scale_at + layer.heads].view(np.uint8).reshape(layer.heads, layer.block_size, -1)
             )
-            code_at, scale_at = code_at + n * layer.code_bytes, scale_at + layer.heads
+            code_at, scale_at = code_at + layer.heads, scale_at + layer.heads
         else:
             page = streams["dense"][dense_at : dense_at + layer.nbytes].reshape(layer.heads, layer.block_size, layer.row_bytes)
             dense_at += layer.nbytes
         pages.append(page)
     return pages
-
-
-def _cat(parts: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
 
 
 # ---- transforms (exactly invertible) --------------------------------------------------------------------------------
@@ -145,11 +141,17 @@ def _cat(parts: list[np.ndarray]) -> np.ndarray:
 def forward_transform(name: str, stream: str, data: np.ndarray) -> bytes:
     """``planes``: 2-byte elements split into a low-byte and a high-byte plane (a bf16/fp16 high byte is sign and
     exponent: it repeats). ``delta_planes`` (scales): each fp16 scale's bit pattern minus the previous token's, mod
-    2**16, then planes."""
-    if name == "delta_planes" and stream == "scales":
+    2**16, then planes. ``xor_tokens`` (codes): each token's code bytes XOR the previous token's of the same
+    layer-head (neighbouring tokens share code bytes far more often than chance)."""
+    check_transforms({stream: name})
+    if name in ("delta_planes", "xor_tokens"):
         data = data.copy()
-        data[:, 1:] -= data[:, :-1].copy()
-        name = "planes"
+        if name == "delta_planes":
+            data[:, 1:] -= data[:, :-1].copy()
+            name = "planes"
+        else:
+            data[:, 1:] ^= data[:, :-1].copy()
+            name = "raw"
     flat = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
     if name == "planes":
         return flat.reshape(-1, 2).T.tobytes()
@@ -164,23 +166,32 @@ def inverse_transform(name: str, stream: str, raw: bytes, layout: BlockLayout) -
         if flat.size % 2:
             raise RecordError(f"{stream}: odd length {flat.size} for a byte-plane transform")
         flat = flat.reshape(2, -1).T.reshape(-1)
-    if stream != "scales":
+    if stream == "dense" or not flat.size:
         return flat
-    block_size = layout.layers[0].block_size if layout.layers else 1
+    codec = next((layer for layer in layout.layers if layer.is_codec), None)
+    if codec is None:
+        raise RecordError(f"{stream}: the layout has no E8 layer")
     try:
-        scales = flat.view(np.uint16).reshape(-1, block_size, 2).copy()
+        if stream == "codes":
+            codes = flat.reshape(-1, codec.block_size, codec.code_bytes).copy()
+            return np.bitwise_xor.accumulate(codes, axis=1) if name == "xor_tokens" else codes
+        scales = flat.view(np.uint16).reshape(-1, codec.block_size, 2).copy()
     except ValueError as e:
-        raise RecordError(f"scales: {e}") from None
+        raise RecordError(f"{stream}: {e}") from None
     if name == "delta_planes":
         np.cumsum(scales, axis=1, dtype=np.uint16, out=scales)
     return scales
 
 
+def applies(name: str, stream: str) -> bool:
+    return name in TRANSFORMS and ONLY_FOR.get(name, stream) == stream
+
+
 def check_transforms(transforms: dict[str, str]) -> None:
     for stream, name in transforms.items():
-        if stream not in STREAMS or name not in TRANSFORMS or (name == "delta_planes" and stream != "scales"):
+        if stream not in STREAMS or not applies(name, stream):
             raise ValueError(f"offload transform {stream}={name!r}: expected a stream of {STREAMS} and one of "
-                             f"{TRANSFORMS} (delta_planes: scales only)")
+                             f"{TRANSFORMS} (delta_planes: scales only; xor_tokens: codes only)")
 
 
 # ---- records --------------------------------------------------------------------------------------------------------
@@ -198,13 +209,16 @@ class RecordCodec:
     def __post_init__(self) -> None:
         if len(self.namespace) != NAMESPACE_BYTES:
             raise ValueError(f"namespace must be {NAMESPACE_BYTES} bytes")
-        check_transforms(dict(self.transforms))
+        transforms = {**DEFAULT_TRANSFORMS, **dict(self.transforms)}  # streams not named keep the default
+        check_transforms(transforms)
+        object.__setattr__(self, "transforms", tuple(transforms.items()))
 
     def encode(self, key: bytes, pages: list[np.ndarray]) -> bytes:
         streams = split_streams(pages, self.layout)
         compressor = zstandard.ZstdCompressor(level=self.level)
         table, payloads = [], []
-        for kind, (stream, name) in enumerate((s, dict(self.transforms)[s]) for s in STREAMS):
+        transforms = dict(self.transforms)
+        for kind, (stream, name) in enumerate((s, transforms[s]) for s in STREAMS):
             raw = forward_transform(name, stream, streams[stream])
             packed = compressor.compress(raw) if raw else b""
             compressed = len(packed) < len(raw)
@@ -249,7 +263,7 @@ class RecordCodec:
         decompressor, streams, at = zstandard.ZstdDecompressor(), {}, 0
         expected = _stream_sizes(self.layout)
         for kind, transform, compressed, raw_len, stored_len in table:
-            if kind >= len(STREAMS) or transform >= len(TRANSFORMS):
+            if kind >= len(STREAMS) or transform >= len(TRANSFORMS) or not applies(TRANSFORMS[transform], STREAMS[kind]):
                 raise RecordError("unknown stream or transform")
             stream = STREAMS[kind]
             if raw_len != expected[stream]:

@@ -250,6 +250,21 @@ def parallel_rank(vllm_config) -> tuple[int, int]:
     return get_pp_group().rank_in_group * tp + get_tp_group().rank_in_group, tp * parallel.pipeline_parallel_size
 
 
+def block_hashes(token_ids: list[int], block_size: int, algo: str = "sha256") -> list[bytes]:
+    """vLLM's prefix-cache hashes of the full blocks of a plain token prompt (no LoRA, multimodal input or cache
+    salt): the keys the offload tier stores them under."""
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core import kv_cache_utils
+
+    hash_fn = get_hash_fn_by_name(algo)
+    kv_cache_utils.init_none_hash(hash_fn)
+    parent, hashes = None, []
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = kv_cache_utils.hash_block_tokens(hash_fn, parent, token_ids[start : start + block_size])
+        hashes.append(bytes(parent))
+    return hashes
+
+
 def attention_layers(vllm_config) -> dict:
     """Every ``Attention`` layer of the loaded model, by name."""
     from vllm.config import get_layers_from_vllm_config

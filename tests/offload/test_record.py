@@ -43,7 +43,7 @@ def _codec(**kw) -> RecordCodec:
 
 @pytest.mark.parametrize(
     "codes,scales,dense",
-    list(itertools.product(["raw", "planes"], ["raw", "planes", "delta_planes"], ["raw", "planes"])),
+    list(itertools.product(["raw", "planes", "xor_tokens"], ["raw", "planes", "delta_planes"], ["raw", "planes"])),
 )
 def test_every_transform_round_trips_exactly(codes, scales, dense):
     codec = _codec(transforms=(("codes", codes), ("scales", scales), ("dense", dense)))
@@ -55,6 +55,25 @@ def test_every_transform_round_trips_exactly(codes, scales, dense):
 def test_default_transforms_compress_scales_and_dense_rows():
     raw = sum(p.nbytes for p in _pages())
     assert len(_codec().encode(KEY, _pages())) < raw * 0.9
+
+
+def test_codes_repeated_along_tokens_compress_with_xor():
+    pages, rng = _pages(2), np.random.default_rng(5)
+    for page, layer in zip(pages, LAYOUT.layers):
+        if layer.is_codec:  # half of each token's code bytes repeat the previous token's, scattered
+            for t in range(1, layer.block_size):
+                same = rng.random((layer.heads, layer.code_bytes)) < 0.5
+                page[:, t, : layer.code_bytes][same] = page[:, t - 1, : layer.code_bytes][same]
+    xor = _codec(transforms=(("codes", "xor_tokens"),)).encode(KEY, pages)
+    raw = _codec(transforms=(("codes", "raw"),)).encode(KEY, pages)
+    assert len(xor) < len(raw) - 400
+
+
+def test_a_layout_without_e8_layers_round_trips():
+    layout = BlockLayout((LayerPages(2, 16, 256),))
+    codec = RecordCodec(namespace("bf16"), layout)
+    pages = [np.arange(2 * 16 * 256, dtype=np.uint32).astype(np.uint8).reshape(2, 16, 256)]
+    assert np.array_equal(codec.decode(KEY, codec.encode(KEY, pages))[0], pages[0])
 
 
 def test_incompressible_streams_are_stored_not_grown():
@@ -101,6 +120,8 @@ def test_foreign_and_stale_records_are_refused():
 def test_bad_transform_names_are_refused():
     with pytest.raises(ValueError, match="transform"):
         _codec(transforms=(("codes", "delta_planes"),))
+    with pytest.raises(ValueError, match="transform"):
+        _codec(transforms=(("scales", "xor_tokens"),))
     with pytest.raises(ValueError, match="transform"):
         _codec(transforms=(("scales", "gzip"),))
     assert set(DEFAULT_TRANSFORMS) == {"codes", "scales", "dense"}

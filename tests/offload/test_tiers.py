@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from nexusquant_vllm.offload import BlockLayout, DiskTier, KVTierStore, LayerPages, RamTier, RecordCodec, namespace
 

@@ -1,16 +1,19 @@
 """The compressed KV tier through vLLM (CPU, SmolLM2-135M, e8-k3v2, block size 32).
 
-A second engine started on the same directory gets prefix hits for what the first one served, with identical
-greedy outputs; damaged, swapped and truncated records are recomputed, never loaded (identical outputs again);
-eviction runs beside the tier in vLLM's MultiConnector, and blocks computed over its holes are never saved.
+A second engine started on the same directory gets prefix hits for what the first one served, with the greedy
+outputs of a prefix-cache hit in the first engine (the same pages, loaded from disk instead of kept in the pool);
+damaged, swapped, foreign and truncated records are recomputed, never loaded (the outputs of a cold run); eviction
+runs beside the tier in vLLM's MultiConnector, and blocks computed over its holes are never saved.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
+from nexusquant_vllm.vllm_glue import compat
 from nexusquant_vllm.vllm_glue.offload import kv_transfer_config
 from nexusquant_vllm.vllm_glue.plugin import register
 
@@ -25,84 +28,104 @@ SENTENCES = [
 ]
 
 
-def _prompt(tag: str, n: int = 24) -> str:
+def _prompt(tag: str, n: int) -> str:
     body = " ".join(SENTENCES[i % len(SENTENCES)] for i in range(n))
     return f"{tag} {body} Question: who catalogued the logs? Answer:"
 
 
-PROMPTS = [_prompt("Record A."), _prompt("Record B.", 20)]
+@pytest.fixture(scope="module")
+def prompts(model_path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    return [tok(_prompt(tag, n)).input_ids for tag, n in (("Record A.", 24), ("Record B.", 20), ("Record C.", 22))]
 
 
-def _run(llm_factory, model_path, config, prompts, max_tokens=16, **sp):
-    from vllm import SamplingParams
+def _generate(llm, prompts, max_tokens=16):
+    from vllm import SamplingParams, TokensPrompt
 
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **sp)
-    with llm_factory(model_path, "e8-k3v2", block_size=BLOCK_SIZE, max_model_len=1024,
-                     kv_transfer_config=config) as llm:
-        outs = llm.generate(prompts, params, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs], [o.num_cached_tokens for o in outs], \
-        [len(o.prompt_token_ids) for o in outs]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs], [o.num_cached_tokens for o in outs]
+
+
+def _engine(llm_factory, model_path, config, **kw):
+    return llm_factory(model_path, "e8-k3v2", block_size=BLOCK_SIZE, max_model_len=1024, kv_transfer_config=config,
+                       **kw)
 
 
 def _records(folder: Path) -> list[Path]:
     return sorted(folder.rglob("*.nqkv"))
 
 
+def _hit(prompt: list[int]) -> int:
+    return (len(prompt) - 1) // BLOCK_SIZE * BLOCK_SIZE
+
+
 @pytest.fixture(scope="module")
-def first_server(tmp_path_factory, llm_factory, model_path):
+def first_server(tmp_path_factory, llm_factory, model_path, prompts):
+    """Cold outputs, then the outputs of a full prefix-cache hit in the same engine."""
     folder = tmp_path_factory.mktemp("tier")
-    tokens, cached, lengths = _run(llm_factory, model_path, kv_transfer_config(ram_gb=0.05, disk_dir=folder), PROMPTS)
-    return folder, tokens, cached, lengths
+    with _engine(llm_factory, model_path, kv_transfer_config(ram_gb=0.05, disk_dir=folder)) as llm:
+        cold, cached_cold = _generate(llm, prompts)
+        warm, cached_warm = _generate(llm, prompts)
+    assert cached_cold == [0, 0, 0] and cached_warm == [_hit(p) for p in prompts]
+    return folder, cold, warm
 
 
-def test_restart_serves_prefix_hits_from_disk_with_identical_outputs(first_server, llm_factory, model_path):
-    folder, tokens, cached, lengths = first_server
-    assert cached == [0, 0]
-    full_blocks = sum((n - 1) // BLOCK_SIZE for n in lengths)
-    assert len(_records(folder)) >= full_blocks  # every full prompt block (and completed output blocks)
-    again, cached2, _ = _run(llm_factory, model_path, kv_transfer_config(ram_gb=0.05, disk_dir=folder), PROMPTS)
-    assert again == tokens
-    assert cached2 == [(n - 1) // BLOCK_SIZE * BLOCK_SIZE for n in lengths]
+def test_restart_serves_prefix_hits_from_disk_with_identical_outputs(first_server, llm_factory, model_path, prompts):
+    folder, _, warm = first_server
+    keys = [compat.block_hashes(p, BLOCK_SIZE) for p in prompts]
+    assert all(any(k.hex() in r.name for r in _records(folder)) for ks in keys for k in ks)  # every full block
+    with _engine(llm_factory, model_path, kv_transfer_config(ram_gb=0.05, disk_dir=folder)) as llm:
+        again, cached = _generate(llm, prompts)
+    assert cached == [_hit(p) for p in prompts]
+    assert again == warm
 
 
-def test_damaged_records_are_recomputed_never_loaded(first_server, llm_factory, model_path, tmp_path):
-    folder, tokens, _, _ = first_server
+def test_damaged_records_are_recomputed_never_loaded(first_server, llm_factory, model_path, prompts, tmp_path):
+    """Each prompt's first block is damaged another way: nothing of it may load, so it computes cold."""
+    folder, cold, _ = first_server
     damaged = tmp_path / "tier"
-    import shutil
-
     shutil.copytree(folder, damaged)
-    records = _records(damaged)
-    records[0].write_bytes(records[0].read_bytes()[:-100])  # truncated
-    data = bytearray(records[1].read_bytes())
+    path = {r.stem: r for r in _records(damaged)}
+    firsts = [path[compat.block_hashes(p, BLOCK_SIZE)[0].hex()] for p in prompts]
+    seconds = [path[compat.block_hashes(p, BLOCK_SIZE)[1].hex()] for p in prompts]
+    firsts[0].write_bytes(firsts[0].read_bytes()[:-100])  # truncated
+    data = bytearray(firsts[1].read_bytes())
     data[len(data) // 2] ^= 0x40  # one flipped bit
-    records[2].write_bytes(bytes(data))
-    swapped = records[3].read_bytes()
-    records[3].write_bytes(records[4].read_bytes())  # another block's record under this key
-    records[4].write_bytes(swapped)
-    records[5].write_bytes(b"")
-    again, _, _ = _run(llm_factory, model_path, kv_transfer_config(ram_gb=0.05, disk_dir=damaged), PROMPTS)
-    assert again == tokens
-    assert not any(p.exists() for p in records[:6] if p != records[1])  # rejected records are deleted
+    firsts[1].write_bytes(bytes(data))
+    firsts[2].write_bytes(seconds[0].read_bytes())  # another block's record under this key
+    with _engine(llm_factory, model_path, kv_transfer_config(ram_gb=0.05, disk_dir=damaged)) as llm:
+        again, _ = _generate(llm, prompts)
+    assert again == cold
+    assert not any(p.exists() for p in firsts)  # rejected records are deleted
+    assert all(p.exists() for p in seconds)
 
 
-def test_eviction_beside_the_tier_never_saves_blocks_computed_over_holes(llm_factory, model_path, tmp_path):
+def test_eviction_beside_the_tier_never_saves_blocks_computed_over_holes(llm_factory, model_path, prompts, tmp_path):
     config = kv_transfer_config(ram_gb=0.05, disk_dir=tmp_path, eviction=0.35, min_prompt_tokens=256)
-    prompt = _prompt("Record C.", 28)
-    tokens, _, lengths = _run(llm_factory, model_path, config, [prompt], max_tokens=48)
+    prompt = prompts[0]
+    with _engine(llm_factory, model_path, config) as llm:
+        tokens, _ = _generate(llm, [prompt], max_tokens=48)
     assert len(tokens[0]) == 48
-    assert len(_records(tmp_path)) == lengths[0] // BLOCK_SIZE  # prompt blocks only, none of the output's
-    plain = kv_transfer_config(ram_gb=0.05, disk_dir=tmp_path / "plain")
-    _run(llm_factory, model_path, plain, [prompt], max_tokens=48)
-    assert len(_records(tmp_path / "plain")) == (lengths[0] + 47) // BLOCK_SIZE  # without eviction: those too
+    assert len(_records(tmp_path)) == len(prompt) // BLOCK_SIZE  # prompt blocks only, none of the output's
+    with _engine(llm_factory, model_path, kv_transfer_config(ram_gb=0.05, disk_dir=tmp_path / "plain")) as llm:
+        _generate(llm, [prompt], max_tokens=48)
+    assert len(_records(tmp_path / "plain")) == (len(prompt) + 47) // BLOCK_SIZE  # without eviction: those too
 
 
-def test_the_tier_needs_an_e8_dtype_and_recompute_on_load_failure(llm_factory, model_path, tmp_path):
-    with pytest.raises(Exception, match="e8"):
+def test_the_tier_needs_an_e8_dtype_recompute_on_load_failure_and_prefix_caching(llm_factory, model_path, tmp_path):
+    with pytest.raises(ValueError, match="e8"):
         with llm_factory(model_path, "auto", kv_transfer_config=kv_transfer_config(disk_dir=tmp_path)):
             pass
     config = {**kv_transfer_config(disk_dir=tmp_path), "kv_load_failure_policy": "fail"}
-    with pytest.raises(Exception, match="recompute"):
+    with pytest.raises(ValueError, match="recompute"):
         with llm_factory(model_path, "e8-k3v2", kv_transfer_config=config):
+            pass
+    with pytest.raises(ValueError, match="prefix caching"):
+        with llm_factory(model_path, "e8-k3v2", kv_transfer_config=kv_transfer_config(disk_dir=tmp_path),
+                         enable_prefix_caching=False):
             pass
 
 
@@ -115,4 +138,6 @@ def test_settings_are_validated():
         OffloadSettings.from_extra({"disk_directory": "/x"})
     with pytest.raises(ValueError, match="needs"):
         OffloadSettings.from_extra({"ram_gb": 0})
+    with pytest.raises(ValueError, match="transform"):
+        OffloadSettings.from_extra({"transforms": {"codes": "delta_planes"}})
     assert OffloadSettings.from_extra({"disk_dir": "/x", "ram_gb": 0}).ram_bytes == 0
