@@ -42,10 +42,12 @@ def prompts(model_path) -> list[list[int]]:
 
 
 def _generate(llm, prompts, max_tokens=16):
+    """One prompt at a time: each prefills in one chunk, whatever the engine's timing (an e8 output depends on
+    where chunks start: a chunk attends to its own raw K/V and to earlier tokens' pages)."""
     from vllm import SamplingParams, TokensPrompt
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    outs = [llm.generate([TokensPrompt(prompt_token_ids=p)], params, use_tqdm=False)[0] for p in prompts]
     return [list(o.outputs[0].token_ids) for o in outs], [o.num_cached_tokens for o in outs]
 
 
@@ -77,10 +79,26 @@ def test_restart_serves_prefix_hits_from_disk_with_identical_outputs(first_serve
     folder, _, warm = first_server
     keys = [compat.block_hashes(p, BLOCK_SIZE) for p in prompts]
     assert all(any(k.hex() in r.name for r in _records(folder)) for ks in keys for k in ks)  # every full block
-    with _engine(llm_factory, model_path, kv_transfer_config(ram_gb=0.05, disk_dir=folder)) as llm:
+    before = _counters()
+    with _engine(llm_factory, model_path, kv_transfer_config(ram_gb=0.05, disk_dir=folder),
+                 disable_log_stats=False) as llm:  # vLLM's stat loggers, Prometheus included, run in this process
         again, cached = _generate(llm, prompts)
     assert cached == [_hit(p) for p in prompts]
     assert again == warm
+    after = _counters()
+    blocks = sum(_hit(p) for p in prompts) // BLOCK_SIZE
+    assert after["disk_hits"] - before["disk_hits"] == blocks
+    assert after["hit_tokens"] - before["hit_tokens"] == blocks * BLOCK_SIZE
+    assert after["bad_records"] == before["bad_records"]
+
+
+def _counters() -> dict[str, float]:
+    """The tier's counters in the Prometheus registry that a server's /metrics serves."""
+    from prometheus_client import REGISTRY
+
+    samples = [s for metric in REGISTRY.collect() for s in metric.samples]
+    return {name: sum(s.value for s in samples if s.name == f"vllm:nq_offload_{name}_total")
+            for name in ("disk_hits", "hit_tokens", "bad_records")}
 
 
 def test_damaged_records_are_recomputed_never_loaded(first_server, llm_factory, model_path, prompts, tmp_path):
