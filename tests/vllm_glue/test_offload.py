@@ -159,3 +159,24 @@ def test_settings_are_validated():
     with pytest.raises(ValueError, match="transform"):
         OffloadSettings.from_extra({"transforms": {"codes": "delta_planes"}})
     assert OffloadSettings.from_extra({"disk_dir": "/x", "ram_gb": 0}).ram_bytes == 0
+
+
+def test_the_eviction_default_joins_a_configured_tier_and_refuses_other_connectors(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from vllm.config import KVTransferConfig
+
+    from nexusquant_vllm.vllm_glue.startup import before_engine_config
+
+    monkeypatch.setenv("NEXUSQUANT_EVICTION", "conservative")
+    tier = KVTransferConfig(**kv_transfer_config(disk_dir=str(tmp_path)))
+    args = SimpleNamespace(kv_transfer_config=tier, kv_cache_dtype="e8-k3v2", additional_config={})
+    before_engine_config(args)
+    assert args.kv_transfer_config.kv_connector == "MultiConnector"
+    entries = args.kv_transfer_config.kv_connector_extra_config["connectors"]
+    assert [e["kv_connector"] for e in entries] == ["NQEvictionConnector", "NQOffloadConnector"]
+    assert entries[0]["kv_connector_extra_config"]["eviction"] == "conservative"
+    assert entries[1]["kv_load_failure_policy"] == args.kv_transfer_config.kv_load_failure_policy == "recompute"
+    other = KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both")
+    with pytest.raises(ValueError, match="ExampleConnector"):
+        before_engine_config(SimpleNamespace(kv_transfer_config=other, kv_cache_dtype="e8-k3v2", additional_config={}))

@@ -50,13 +50,36 @@ def kv_transfer_config(default: object = "lossless", **extra: Any) -> dict:
 
 
 def configure_engine_args(engine_args, default: str) -> None:
-    """Install the connector with the server default ``default`` (the configuration's ``eviction``), unless the
-    user already configured a KV connector. Called before the engine config is built."""
-    if getattr(engine_args, "kv_transfer_config", None) is not None:
-        return
+    """Install the connector with the server default ``default`` (the configuration's ``eviction``), before the
+    engine config is built. Beside a configured offload tier alone, both run in vLLM's ``MultiConnector`` (eviction
+    first); a configured eviction connector, alone or in a ``MultiConnector``, wins; beside any other connector the
+    configuration is refused, since eviction would silently not run."""
     from vllm.config import KVTransferConfig
 
-    engine_args.kv_transfer_config = KVTransferConfig(**kv_transfer_config(default))
+    from nexusquant_vllm.vllm_glue.offload.params import CONNECTOR_NAME as OFFLOAD
+
+    current = engine_args.kv_transfer_config
+    if current is None:
+        engine_args.kv_transfer_config = KVTransferConfig(**kv_transfer_config(default))
+        return
+    names = [current.kv_connector]
+    if current.kv_connector == "MultiConnector":
+        names = [c.get("kv_connector") for c in current.kv_connector_extra_config.get("connectors", [])]
+    if CONNECTOR_NAME in names:
+        return
+    if names != [OFFLOAD]:
+        raise ValueError(
+            f"the nexusquant eviction default ({default!r}, from NEXUSQUANT_EVICTION or additional_config) installs "
+            f"the {CONNECTOR_NAME}, but --kv-transfer-config already installs {', '.join(map(str, names))}: add "
+            f"the eviction connector to that configuration (vLLM's MultiConnector) or drop the eviction default"
+        )
+    offload = {"kv_connector": OFFLOAD, "kv_connector_module_path": current.kv_connector_module_path,
+               "kv_role": current.kv_role, "kv_load_failure_policy": current.kv_load_failure_policy,
+               "kv_connector_extra_config": current.kv_connector_extra_config}
+    engine_args.kv_transfer_config = KVTransferConfig(
+        kv_connector="MultiConnector", kv_role="kv_both", kv_load_failure_policy=current.kv_load_failure_policy,
+        kv_connector_extra_config={"connectors": [kv_transfer_config(default), offload]},
+    )
 
 
 def validate_extra_arg(key: object, value: object) -> None:
