@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -77,13 +78,13 @@ def generate_each(llm, prompts: list[list[int]], max_tokens: int) -> tuple[list[
     return [r[1][0] for r in runs], [r[2][0] for r in runs]
 
 
-def settle(llm, records: Path | None = None, expected: int = 0) -> None:
-    """Let the background saver finish: a tiny request pumps the RAM events to the scheduler, then wait for the
-    expected number of records on disk."""
-    generate(llm, [[1, 2, 3]])
-    deadline = time.time() + 60
-    while records is not None and len(list(records.rglob("*.nqkv"))) < expected and time.time() < deadline:
+def settle(llm, records: Path, expected: int) -> None:
+    """Let the background saver finish: wait for the expected number of records on disk (each is put in RAM
+    first), then a tiny request carries the RAM tier's changes to the scheduler."""
+    deadline = time.time() + 120
+    while len(list(records.rglob("*.nqkv"))) < expected and time.time() < deadline:
         time.sleep(0.2)
+    generate(llm, [[1, 2, 3]])
 
 
 def drop_page_cache(folder: Path) -> None:
@@ -217,14 +218,14 @@ def ttft_rows(args, work: Path) -> list[dict]:
     with engine("e8-k3v2", "2", {"ram_gb": 2.0, "disk_dir": folder}, max_model_len=args.prompt_len + 512) as llm:
         generate(llm, chunks(1, 256, 4))  # warm-up
         rows.append(_row("single", "recompute", *generate(llm, [prompt])))
-        settle(llm)
+        settle(llm, folder, (len(prompt) - 1) // BLOCK_SIZE)
         llm.reset_prefix_cache()
         rows.append(_row("single", "RAM hit", *generate(llm, [prompt])))
         rows.append(_row("batch of 8", "recompute", *generate(llm, batches[0])))
-        settle(llm)
+        saved = len({tuple(p[: BLOCK_SIZE * (i + 1)]) for p in [prompt, *batches[0]] for i in range((len(p) - 1) // BLOCK_SIZE)})
+        settle(llm, folder, saved)
         llm.reset_prefix_cache()
         rows.append(_row("batch of 8", "RAM hit", *generate(llm, batches[1])))
-        settle(llm, folder, (len(prompt) - 1) // BLOCK_SIZE)
     with engine("e8-k3v2", "2", {"ram_gb": 0, "disk_dir": folder}, max_model_len=args.prompt_len + 512) as llm:
         generate(llm, chunks(1, 256, 4))
         rows.append(_row("single", "disk hit, warm", *generate(llm, [prompt])))
@@ -377,7 +378,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default=NAME)
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
-    payload: dict = {"args": vars(args), "machine": machine(), "bytes": [], "streams": [], "ttft": [], "faults": []}
+    payload: dict = {"bytes": [], "streams": [], "ttft": [], "faults": []}
+    previous = RESULTS_DIR / f"{args.name}.json"
+    if parts != {"bytes", "ttft", "faults"} and previous.exists():  # rerun some parts, keep the others
+        payload = json.loads(previous.read_text())
+    payload.setdefault("runs", {})
+    for part in parts:
+        payload["runs"][part] = {"args": vars(args), "machine": machine()}
     with tempfile.TemporaryDirectory(prefix="nq-offload-") as tmp:
         work = Path(tmp)
         if "bytes" in parts:

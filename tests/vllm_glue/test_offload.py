@@ -180,3 +180,18 @@ def test_the_eviction_default_joins_a_configured_tier_and_refuses_other_connecto
     other = KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both")
     with pytest.raises(ValueError, match="ExampleConnector"):
         before_engine_config(SimpleNamespace(kv_transfer_config=other, kv_cache_dtype="e8-k3v2", additional_config={}))
+
+
+def test_the_connectors_are_known_to_vllm_by_name():
+    """``--kv-transfer-config '{"kv_connector": "NQOffloadConnector", ...}'`` needs no module path (and vLLM's
+    MultiConnector rebuilds its children's stats by name)."""
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    from nexusquant_vllm.vllm_glue.eviction.connector import NQEvictionConnector
+    from nexusquant_vllm.vllm_glue.offload.connector import NQOffloadConnector
+
+    for cls in (NQOffloadConnector, NQEvictionConnector):
+        config = KVTransferConfig(kv_connector=cls.__name__, kv_role="kv_both")
+        assert KVConnectorFactory.get_connector_class(config) is cls
+        assert KVConnectorFactory.get_connector_class_by_name(cls.__name__) is cls
