@@ -195,3 +195,25 @@ def test_the_connectors_are_known_to_vllm_by_name():
         config = KVTransferConfig(kv_connector=cls.__name__, kv_role="kv_both")
         assert KVConnectorFactory.get_connector_class(config) is cls
         assert KVConnectorFactory.get_connector_class_by_name(cls.__name__) is cls
+
+
+def test_the_model_fingerprint_follows_the_weights_not_their_copy_time(tmp_path):
+    import os
+    from types import SimpleNamespace
+
+    from nexusquant_vllm.vllm_glue.offload.params import model_fingerprint
+
+    def fingerprint(folder: Path) -> str:
+        return model_fingerprint(SimpleNamespace(model=str(folder), revision=None, dtype="bfloat16",
+                                                 quantization=None, hf_config=None))
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(bytes(range(256)) * 40_000)
+    first = fingerprint(tmp_path)
+    weights.write_bytes(weights.read_bytes())  # the same weights copied again, at another time
+    os.utime(weights, (1, 1))
+    assert fingerprint(tmp_path) == first
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 1
+    weights.write_bytes(bytes(data))
+    assert fingerprint(tmp_path) != first  # same size, other weights

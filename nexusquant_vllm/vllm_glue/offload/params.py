@@ -143,7 +143,8 @@ def run_namespaces(vllm_config) -> list[bytes]:
 
 def model_fingerprint(model_config) -> str:
     """The model's identity: name or path, revision, dtype, quantization, its config, and for a local directory
-    the names, sizes and modification times of its weight files (changed weights: a new namespace)."""
+    each weight file's name, size and a hash of its first and last MiB (changed weights, even of the same shapes,
+    give a new namespace; copies of the same weights on other nodes give the same one)."""
     config = model_config.hf_config.to_json_string(use_diff=False) if model_config.hf_config else ""
     parts = [str(model_config.model), str(model_config.revision), str(model_config.dtype),
              str(model_config.quantization), config]
@@ -151,6 +152,13 @@ def model_fingerprint(model_config) -> str:
     if folder.is_dir():
         for path in sorted(folder.iterdir()):
             if path.suffix in WEIGHT_SUFFIXES:
-                st = path.stat()
-                parts.append(f"{path.name}:{st.st_size}:{st.st_mtime_ns}")
+                parts.append(f"{path.name}:{path.stat().st_size}:{_ends_digest(path)}")
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def _ends_digest(path: Path, span: int = 1 << 20) -> str:
+    with open(path, "rb") as f:
+        head = f.read(span)
+        f.seek(max(path.stat().st_size - span, 0))
+        tail = f.read(span)
+    return hashlib.blake2b(head + tail, digest_size=16).hexdigest()
