@@ -88,13 +88,12 @@ class DiskTier:
         self.budget_bytes = budget_bytes
         self.suffix = suffix
         self.enabled = True
+        self._used: int | None = None  # bytes in the whole directory: scanned when first needed (a put)
         self._lock = threading.Lock()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self.used_bytes = sum(size for _, _, size in self._scan())
         except OSError as e:
             self._disable(e)
-            self.used_bytes = 0
 
     def path(self, key: bytes) -> Path:
         name = key.hex()
@@ -129,12 +128,18 @@ class DiskTier:
             _unlink(tmp)
             self._disable(e)
             return False
-        with self._lock:
-            self.used_bytes += len(record)
-            over = self.used_bytes > self.budget_bytes
-        if over:
+        if self.usage(added=len(record)) > self.budget_bytes:
             self.trim()
         return True
+
+    def usage(self, added: int = 0) -> int:
+        """This process's estimate of the directory's bytes (a scan the first time), after adding ``added``."""
+        with self._lock:
+            if self._used is None:
+                self._used = sum(size for _, _, size in self._scan())
+            else:
+                self._used += added
+            return self._used
 
     def discard(self, key: bytes) -> None:
         _unlink(self.path(key))
@@ -150,7 +155,7 @@ class DiskTier:
                     break
                 if _unlink(path):
                     used -= size
-            self.used_bytes = used
+            self._used = used
 
     def _scan(self) -> list[tuple[float, Path, int]]:
         found = []

@@ -46,7 +46,7 @@ def test_disk_tier_writes_atomically_and_trims_least_recently_used(tmp_path):
     assert kept == {0, 3, 4, 5}
     assert not [p for p in Path(tmp_path).rglob("*") if p.name.endswith(".tmp")]
     other = DiskTier(tmp_path, "ns", budget_bytes=1000)  # a second process on the same directory
-    assert other.get(_key(3)) == bytes([3]) * 200 and other.used_bytes == 800
+    assert other.get(_key(3)) == bytes([3]) * 200 and other.usage() == 800
 
 
 def test_unusable_disk_turns_the_tier_off_with_one_warning(tmp_path, caplog):
