@@ -232,6 +232,18 @@ def kv_connector(cls: type):
     return None
 
 
+def connector_entries(kv_transfer_config) -> list[dict]:
+    """The connector entries a ``kv_transfer_config`` installs: its own, or each child's of a ``MultiConnector``
+    (which vLLM hands its child connectors as their whole configuration)."""
+    if kv_transfer_config.kv_connector == "MultiConnector":
+        return list(kv_transfer_config.kv_connector_extra_config.get("connectors", []))
+    return [{"kv_connector": kv_transfer_config.kv_connector,
+             "kv_connector_module_path": kv_transfer_config.kv_connector_module_path,
+             "kv_role": kv_transfer_config.kv_role,
+             "kv_load_failure_policy": kv_transfer_config.kv_load_failure_policy,
+             "kv_connector_extra_config": kv_transfer_config.kv_connector_extra_config}]
+
+
 def register_connector(name: str, module: str) -> None:
     """Make ``name`` a KV connector name vLLM knows (``--kv-transfer-config '{"kv_connector": name}'`` with no
     module path, and the stats of a ``MultiConnector``, which vLLM rebuilds by name across processes)."""

@@ -56,15 +56,15 @@ def configure_engine_args(engine_args, default: str) -> None:
     configuration is refused, since eviction would silently not run."""
     from vllm.config import KVTransferConfig
 
-    from nexusquant_vllm.vllm_glue.offload.params import CONNECTOR_NAME as OFFLOAD
+    from nexusquant_vllm.vllm_glue import compat
+    from nexusquant_vllm.vllm_glue.offload.params import CONNECTOR_NAME as OFFLOAD  # it imports this module
 
     current = engine_args.kv_transfer_config
     if current is None:
         engine_args.kv_transfer_config = KVTransferConfig(**kv_transfer_config(default))
         return
-    names = [current.kv_connector]
-    if current.kv_connector == "MultiConnector":
-        names = [c.get("kv_connector") for c in current.kv_connector_extra_config.get("connectors", [])]
+    entries = compat.connector_entries(current)
+    names = [entry.get("kv_connector") for entry in entries]
     if CONNECTOR_NAME in names:
         return
     if names != [OFFLOAD]:
@@ -73,12 +73,9 @@ def configure_engine_args(engine_args, default: str) -> None:
             f"the {CONNECTOR_NAME}, but --kv-transfer-config already installs {', '.join(map(str, names))}: add "
             f"the eviction connector to that configuration (vLLM's MultiConnector) or drop the eviction default"
         )
-    offload = {"kv_connector": OFFLOAD, "kv_connector_module_path": current.kv_connector_module_path,
-               "kv_role": current.kv_role, "kv_load_failure_policy": current.kv_load_failure_policy,
-               "kv_connector_extra_config": current.kv_connector_extra_config}
     engine_args.kv_transfer_config = KVTransferConfig(
         kv_connector="MultiConnector", kv_role="kv_both", kv_load_failure_policy=current.kv_load_failure_policy,
-        kv_connector_extra_config={"connectors": [kv_transfer_config(default), offload]},
+        kv_connector_extra_config={"connectors": [kv_transfer_config(default), *entries]},
     )
 
 

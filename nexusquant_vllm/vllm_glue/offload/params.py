@@ -25,6 +25,7 @@ from typing import Any
 
 from nexusquant_vllm.codec.format import CODEC_VERSION, E8_DTYPES
 from nexusquant_vllm.offload.record import DEFAULT_TRANSFORMS, check_transforms, namespace
+from nexusquant_vllm.vllm_glue import compat
 from nexusquant_vllm.vllm_glue.eviction import params as eviction_params
 
 CONNECTOR_NAME = "NQOffloadConnector"
@@ -112,11 +113,7 @@ def check_engine_config(vllm_config) -> None:
     transfer = vllm_config.kv_transfer_config
     if transfer is None:
         return
-    entries = [{"kv_connector": transfer.kv_connector, "kv_load_failure_policy": transfer.kv_load_failure_policy,
-                "kv_connector_extra_config": transfer.kv_connector_extra_config}]
-    if transfer.kv_connector == "MultiConnector":
-        entries = transfer.kv_connector_extra_config.get("connectors", [])
-    for entry in entries:
+    for entry in compat.connector_entries(transfer):
         if entry.get("kv_connector") != CONNECTOR_NAME:
             continue
         check_dtype(vllm_config.cache_config.cache_dtype)
