@@ -86,13 +86,14 @@ def rows(model: Model, dep: Deployment) -> list[dict]:
 
 
 def eviction_traffic(model: Model, dep: Deployment) -> dict:
-    """What eviction adds per request: each rank scores the prompt's tokens over its own heads; vLLM's executor
-    already gathers every rank's step output to the engine core (KVOutputAggregator), and the eviction connector's
-    worker metadata rides on it, summed across ranks there. One float32 per prompt token per rank, once."""
-    per_rank = dep.context * 4
-    return {"bytes_per_rank": per_rank, "bytes_per_request": per_rank * dep.tp,
-            "gather_ms_at_10_gb_s": per_rank * dep.tp / 10e9 * 1e3,
-            "decision_broadcast_bytes": math.ceil(dep.context / dep.block_size) * 4}
+    """What eviction adds per request, once, in the step that completes its prompt: in every layer the tensor-parallel
+    group all-reduces one float32 per prompt token (the mean or the max over all heads; a ring all-reduce moves
+    2 (tp - 1) / tp of it per rank), and the group's first rank sends the layer sums in the eviction connector's
+    worker metadata, which vLLM's executor gathers to the engine core every step anyway (`KVOutputAggregator`)."""
+    scores = dep.context * 4
+    allreduce = 2 * (dep.tp - 1) / dep.tp * scores * model.layers
+    return {"allreduce_bytes_per_rank": int(allreduce), "allreduce_ms_at_300_gb_s": allreduce / 300e9 * 1e3,
+            "bytes_to_engine_core": scores, "decision_broadcast_bytes": math.ceil(dep.context / dep.block_size) * 4}
 
 
 def offload_ratio() -> dict:
@@ -141,21 +142,24 @@ def markdown(model: Model, dep: Deployment, table: list[dict], traffic: dict, di
         "",
         "## What eviction adds between ranks",
         "",
-        "Every rank scores the prompt's tokens over its own KV heads (tensor parallelism) or its own layers (pipeline "
-        "parallelism). The scores travel in the eviction connector's worker metadata, which vLLM's executor already "
-        "gathers from every rank each step (`KVOutputAggregator`) and which the connector sums on the way "
-        "(`EvictionWorkerMetadata.aggregate`). So the decision is taken once, on the engine core, from the scores of "
-        "all heads and layers, and reaches every rank in the next step's scheduler output (the same block list for "
-        "all). Per request, once, after its prefill:",
+        "Every rank scores the prompt's tokens over its own query heads, in every layer of the step that completes "
+        "the prompt; the tensor-parallel group all-reduces them (the mean over all heads at 35% eviction, the max at "
+        "60% and 80%, as one rank holding every head would score), and the group's first rank sends the sum over its "
+        "layers in the eviction connector's worker metadata, which vLLM's executor already gathers from every rank "
+        "each step (`KVOutputAggregator`); the connector adds the pipeline stages' sums "
+        "(`EvictionWorkerMetadata.aggregate`). So the decision is taken once, on the engine core, from the scores "
+        "one rank would compute over all heads and layers, and reaches every rank in the next step's scheduler output "
+        "(the same block list for all). Per request, once, after its prefill:",
         "",
         "| traffic | bytes |",
         "|---|---|",
-        f"| scores, per rank (float32 per prompt token) | {traffic['bytes_per_rank']:,} |",
-        f"| scores, all ranks, gathered to the engine core | {traffic['bytes_per_request']:,} "
-        f"(~{traffic['gather_ms_at_10_gb_s']:.1f} ms at 10 GB/s) |",
+        f"| all-reduce of the scores over the TP group, {model.layers} layers, per rank | "
+        f"{traffic['allreduce_bytes_per_rank']:,} (~{traffic['allreduce_ms_at_300_gb_s']:.2f} ms at 300 GB/s) |",
+        f"| scores sent to the engine core (float32 per prompt token, one rank) | {traffic['bytes_to_engine_core']:,} |",
         f"| decision sent to every rank (int32 per freed block, at most) | {traffic['decision_broadcast_bytes']:,} |",
         "",
-        "No extra collective among the GPUs: both directions ride on messages vLLM sends every step anyway. "
+        "The all-reduce is one collective per layer in that step, beside the layer's own; the rest rides on messages "
+        "vLLM sends every step anyway. "
         "Compaction (per layer, per KV head) stays local to each rank.",
         "",
         "## The offload tier's directory on several nodes",
@@ -198,11 +202,52 @@ def markdown(model: Model, dep: Deployment, table: list[dict], traffic: dict, di
         "With one node per model replica instead (data parallelism), start one `vllm serve ... --tensor-parallel-size "
         "8` per node behind a load balancer; the replicas share the offload directory and so each other's prefixes.",
         "",
-        "Status: tensor and pipeline parallelism with E8 pages have not run yet (issue 22); the rank-consistent "
-        "eviction above is the design the connector implements (scores summed across ranks, one decision), "
-        "untested with more than one rank.",
+        *measured_section(),
     ]
     return "\n".join(lines) + "\n"
+
+
+def measured_section() -> list[str]:
+    """What `benchmarks/parallel.py` measured with two ranks on vLLM's CPU build, if it ran."""
+    from benchmarks.parallel import table
+
+    path = RESULTS_DIR / "parallel.json"
+    if not path.exists():
+        return ["## Measured with two ranks", "", "Not measured yet: run `python -m benchmarks.parallel`."]
+    results = json.loads(path.read_text())
+    return [
+        "## Measured with two ranks (vLLM's CPU build)",
+        "",
+        f"`python -m benchmarks.parallel --chunks {results['chunks']} --seed {results['seed']}` serves SmolLM2-135M "
+        "with its KV heads duplicated (the same function, 6 KV heads: TP=2 gives each rank 3) at TP=1, TP=2 and "
+        "PP=2, each corpus chunk once without and once with 35% eviction decided at the end of an 832-token prompt, "
+        "and compares every configuration with TP=1 of the same KV-cache dtype, and e8 at TP=1 with `auto` at TP=1 "
+        "(the codec's own effect) (`benchmarks/results/parallel.md`; see the script's docstring for the columns).",
+        "",
+        table(results),
+        "",
+        _reading(results["comparisons"]),
+    ]
+
+
+def _reading(c: dict) -> str:
+    """The table in words, its numbers read from the results."""
+    tp, pp, auto, codec = c["e8-k3v2-tp2"], c["e8-k3v2-pp2"], c["auto-tp2"], c["e8-k3v2-tp1"]
+    return (
+        f"Every rank applied the engine's one decision: TP=2 {tp['every_rank_applied_the_decision']}, PP=2 "
+        f"{pp['every_rank_applied_the_decision']}. It freed the same blocks as one rank for TP=2 in "
+        f"{tp['same_blocks_freed']} and for PP=2 in {pp['same_blocks_freed']} of "
+        f"{len(tp['plain']['greedy_common_prefix'])} prompts. Position by position, e8 at "
+        f"TP=2 picks TP=1's top token as often as `auto` does ({tp['plain']['top1_agreement']:.3f} vs "
+        f"{auto['plain']['top1_agreement']:.3f}), but its greedy text parts sooner: a key or value that TP's "
+        "different summation order rounds differently in bf16 can land on another E8 codeword, so the two runs' "
+        "decode steps read slightly different caches (still closer than e8 and `auto` at TP=1, common prefixes "
+        f"{tp['plain']['greedy_common_prefix']} vs {codec['plain']['greedy_common_prefix']}). PP splits layers, not "
+        f"sums: without eviction its mean |Δ log-probability| to TP=1 is {pp['plain']['mean_abs_dlogprob']:.4f}. "
+        "With eviction, PP's continuation differs because the engine "
+        "keeps one batch per stage in flight, so the continuation's first chunk is computed before the decision "
+        "arrives (over the whole cache)."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -144,6 +144,59 @@ def materialize(gguf_dir: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def split_smollm2(copies: int = 2) -> str:
+    """SmolLM2-135M-Instruct with ``copies`` x its KV heads (3 -> 6 for 2) and query heads (9 -> 18): the same
+    function, with head counts that tensor parallelism up to ``3 * copies`` can split (3 KV heads cannot be split
+    in two). Built from :func:`smollm2_path` on first use and cached beside it.
+
+    Copy ``c`` of KV head ``g`` becomes KV head ``g * copies + c``; its group gets copies of ``g``'s query heads, and
+    each copy's columns of ``o_proj`` are divided by ``copies`` (exact in bf16 for 2), so every layer's output is
+    SmolLM2's.
+    """
+    source = Path(smollm2_path())
+    target = cache_root() / f"{MODEL_DIRNAME}-split{copies}"
+    with _locked(target.parent / LOCK):
+        if not intact(target):
+            staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIRNAME}-", dir=target.parent))
+            try:
+                _write_split(source, copies, staging)
+                write_manifest(staging)
+                publish(staging, target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def _write_split(source: Path, copies: int, out_dir: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((source / "config.json").read_text())
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    group = heads // kv_heads
+    kv_map = [g for g in range(kv_heads) for _ in range(copies)]  # new KV head -> original
+    q_map = [kv * group + j for kv in kv_map for j in range(group)]  # new query head -> original
+
+    def head_rows(w, index):
+        return w.view(-1, head_dim, w.shape[-1])[index].reshape(-1, w.shape[-1])
+
+    weights = {}
+    for name, w in load_file(source / "model.safetensors").items():
+        if name.endswith("q_proj.weight"):
+            w = head_rows(w, q_map)
+        elif name.endswith(("k_proj.weight", "v_proj.weight")):
+            w = head_rows(w, kv_map)
+        elif name.endswith("o_proj.weight"):
+            w = head_rows(w.t(), q_map).t() / copies
+        weights[name] = w.contiguous()
+    save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
+    config.update(num_attention_heads=heads * copies, num_key_value_heads=kv_heads * copies, head_dim=head_dim)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    for path in source.iterdir():
+        if path.suffix in (".json", ".jinja") and path.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(path, out_dir / path.name)
+
+
 def publish(staging: Path, target: Path) -> None:
     """Replace `target` by a finished staging folder (the caller holds the lock: no other build runs)."""
     if target.exists():

@@ -23,5 +23,5 @@ def test_more_eviction_fits_more_users_and_the_document_shows_every_row():
     assert abs(e8[0]["vs_bf16"] - 40960 / 6720) < 1e-9
     text = markdown(model, dep, table, eviction_traffic(model, dep), {"gib_per_rank": 1.0, "gib_per_node": 8.0,
                                                                       "files_per_rank": 8192}, 0.94)
-    assert text.count("| e8-k3v2") == 8 and "| bf16 | 0% |" in text
-    assert eviction_traffic(model, dep)["bytes_per_request"] == 131072 * 4 * 8
+    assert text.count("| e8-k3v2, ") == 8 and "| bf16 | 0% |" in text
+    assert eviction_traffic(model, dep)["bytes_to_engine_core"] == 131072 * 4

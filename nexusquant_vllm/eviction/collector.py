@@ -8,7 +8,8 @@ request, in each layer:
 
 * the last ``block_scorer.window`` prompt queries (those in this step) are scored against all its prompt keys
   (earlier chunks read back from the paged cache, this chunk raw); the ``block_scorer`` reduces them to one score
-  per token, summed over layers and handed to the scheduler, which picks the blocks to free;
+  per token over the query heads of every tensor-parallel rank (``across_ranks``: a mean or a max, like the scorer's
+  head reduction), summed over layers and handed to the scheduler, which picks the blocks to free;
 * when a ``head_scorer`` is set (the connector sets :class:`ExpectedAttentionHeads` once the model's RoPE is
   known), per-KV-head compaction scores are kept with the layer's cache until the scheduler's decision arrives;
   :meth:`ScoreCollector.compact` then fills each layer's kept blocks with that layer's and head's best tokens
@@ -54,6 +55,13 @@ class ScoredRequest:
 
 
 PromptChunks = Callable[[], Iterator[tuple[int, torch.Tensor, torch.Tensor]]]  # () -> (start, K, V [Hk, C, D])
+# (one layer's block-choice scores over this rank's query heads, the head reduction "mean" / "max") -> the scores
+# over every rank's heads: identity with one rank; a tensor-parallel all-reduce otherwise (set by the connector).
+AcrossRanks = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+def one_rank(scores: torch.Tensor, heads: str) -> torch.Tensor:
+    return scores
 
 
 @dataclass
@@ -100,6 +108,7 @@ class ScoreCollector:
 
     block_scorer: WindowAttentionScorer
     head_scorer: HeadScorer | None = None  # None: no compaction
+    across_ranks: AcrossRanks = one_rank
     plan: list[ScoredRequest] = field(default_factory=list)
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
     compactions: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # per layer:
@@ -122,6 +131,7 @@ class ScoreCollector:
             attention = streamed_window_attention(queries[:, new - window :], req.num_prompt - window,
                                                   functools.partial(_keys_of, chunks), step.scale)
             block_scores = replace(self.block_scorer, heads=req.heads).reduce(attention, req.block_size)
+            block_scores = self.across_ranks(block_scores, req.heads)
             total = self.scores.get(req.req_id)
             self.scores[req.req_id] = block_scores if total is None else total + block_scores
             if self.head_scorer is not None:

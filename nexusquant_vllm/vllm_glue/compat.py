@@ -262,6 +262,21 @@ def parallel_rank(vllm_config) -> tuple[int, int]:
     return get_pp_group().rank_in_group * tp + get_tp_group().rank_in_group, tp * parallel.pipeline_parallel_size
 
 
+def tensor_parallel_reduce(scores: torch.Tensor, heads: str) -> torch.Tensor:
+    """One layer's per-token scores, each rank's over its own query heads, reduced over the tensor-parallel group:
+    the max for ``heads="max"``, else the mean (ranks hold equally many query heads, so the mean of their means is
+    the mean over all heads). Every rank gets the result. One collective per layer, in an eviction's scoring step."""
+    from vllm.distributed.parallel_state import get_tp_group
+
+    group = get_tp_group()
+    if group.world_size == 1:
+        return scores
+    if heads == "max":
+        torch.distributed.all_reduce(scores, op=torch.distributed.ReduceOp.MAX, group=group.device_group)
+        return scores
+    return group.all_reduce(scores) / group.world_size
+
+
 def block_hashes(token_ids: list[int], block_size: int, algo: str = "sha256") -> list[bytes]:
     """vLLM's prefix-cache hashes of the full blocks of a plain token prompt (no LoRA, multimodal input or cache
     salt): the keys the offload tier stores them under."""

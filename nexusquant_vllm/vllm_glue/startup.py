@@ -73,7 +73,8 @@ def check_model(model_config) -> None:
     if window is not None or any("sliding" in str(t) for t in layer_types):
         problems.append("sliding-window attention layers are not supported (refused rather than silently skipped)")
     if problems:
-        raise ValueError("nexusquant e8 KV cache cannot serve this model: " + "; ".join(problems))
+        raise ValueError("nexusquant e8 KV cache cannot serve this model: " + "; ".join(problems)
+                         + ". Serve it with --kv-cache-dtype auto or fp8")
 
 
 def before_engine_config(engine_args) -> None:
@@ -147,20 +148,53 @@ def kv_budget(specs: dict, model_dtype: torch.dtype) -> dict:
     }
 
 
+def all_ranks_budget(vllm_config, fmt) -> dict:
+    """Bytes per token of the whole model's cache over every tensor x pipeline rank (KV heads that tensor
+    parallelism replicates counted once per copy), and of the same cache in the model dtype."""
+    model_config, parallel = vllm_config.model_config, vllm_config.parallel_config
+    tp = parallel.tensor_parallel_size
+    heads = model_config.get_num_kv_heads(parallel) * tp  # per layer, over the TP ranks
+    protected = {int(s) for s in vllm_config.cache_config.kv_cache_dtype_skip_layers if s.isdigit()}
+    num_layers = model_config.hf_text_config.num_hidden_layers
+    dense_slot = 2 * model_config.get_head_size() * torch.tensor([], dtype=model_config.dtype).element_size()
+    per_layer = [dense_slot if i in protected else fmt.slot_bytes for i in range(num_layers)]
+    return {"bytes_per_token": heads * sum(per_layer), "dense_bytes_per_token": heads * num_layers * dense_slot,
+            "ranks": tp * parallel.pipeline_parallel_size, "protected": len(protected & set(range(num_layers)))}
+
+
 def _log_budget(vllm_config, layers: dict, specs: dict, dtype: str) -> None:
     model_dtype = vllm_config.model_config.dtype
-    head_size = vllm_config.model_config.get_head_size()
-    fmt = get_format(dtype, head_size)
+    dtype_name = str(model_dtype).replace("torch.", "")
+    fmt = get_format(dtype, vllm_config.model_config.get_head_size())
     protected = sorted(name for name, layer in layers.items() if not is_served(layer.kv_cache_dtype))
     b = kv_budget(specs, model_dtype)
     _logger().info(
         "nexusquant: kv_cache_dtype=%s (K %d bits, V %d bits, %d B/token-head = %.3f bits/elem incl. fp16 scales, "
         "%d B padding); %d/%d layers E8, %d protected in %s; %.0f B/token over all layers vs %.0f in %s: "
-        "KV capacity ratio %.2fx; attention paths: %s",
+        "KV capacity ratio %.2fx; attention paths: %s%s",
         dtype, fmt.k_bits, fmt.v_bits, fmt.slot_bytes, fmt.bits_per_element, b["padding_bytes_per_token"],
-        len(layers) - len(protected), len(layers), len(protected), str(model_dtype).replace("torch.", ""),
-        b["bytes_per_token"], b["dense_bytes_per_token"], str(model_dtype).replace("torch.", ""),
-        b["capacity_ratio"], _path_names(layers),
+        len(layers) - len(protected), len(layers), len(protected), dtype_name,
+        b["bytes_per_token"], b["dense_bytes_per_token"], dtype_name, b["capacity_ratio"], _path_names(layers),
+        _ranks_note(vllm_config, fmt, len(layers)),
+    )
+
+
+def _ranks_note(vllm_config, fmt, num_layers: int) -> str:
+    """Under tensor or pipeline parallelism: what this rank holds and the whole cache over every rank."""
+    parallel = vllm_config.parallel_config
+    total = all_ranks_budget(vllm_config, fmt)
+    if total["ranks"] == 1:
+        return ""
+    from nexusquant_vllm.vllm_glue.compat import parallel_rank
+
+    rank, _ = parallel_rank(vllm_config)
+    heads = vllm_config.model_config.get_num_kv_heads(parallel)
+    return (
+        f"; this is rank {rank} of {total['ranks']} (tensor {rank % parallel.tensor_parallel_size}/"
+        f"{parallel.tensor_parallel_size}, pipeline {rank // parallel.tensor_parallel_size}/"
+        f"{parallel.pipeline_parallel_size}): {num_layers} layers x {heads} KV head(s) here; all ranks: "
+        f"{total['bytes_per_token']:.0f} B/token vs {total['dense_bytes_per_token']:.0f} in the model dtype, "
+        f"{total['protected']} protected layers"
     )
 
 

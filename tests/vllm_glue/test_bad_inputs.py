@@ -85,6 +85,18 @@ def test_sliding_window_refused(tmp_path, model_path):
         _engine_config(model)
 
 
+@pytest.mark.parametrize("name, overrides", [
+    ("gemma3", dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], head_dim=256, sliding_window=512,
+                    layer_types=["sliding_attention"] * 5 + ["full_attention"] * 25)),
+    ("gpt-oss", dict(model_type="gpt_oss", architectures=["GptOssForCausalLM"], sliding_window=128,
+                     layer_types=["sliding_attention", "full_attention"] * 15, num_local_experts=4,
+                     num_experts_per_tok=2, head_dim=64)),
+])
+def test_interleaved_sliding_window_families_refused_naming_the_alternative(tmp_path, model_path, name, overrides):
+    with pytest.raises(ValueError, match=r"sliding-window attention layers are not supported.*--kv-cache-dtype auto"):
+        _engine_config(_fake_model(tmp_path, model_path, name, **overrides))
+
+
 def test_mla_refused(tmp_path, model_path):
     model = _fake_model(
         tmp_path, model_path, "mla", model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"],
@@ -119,7 +131,7 @@ def test_every_problem_of_a_model_in_one_error():
         "nexusquant e8 KV cache cannot serve this model: MLA attention (compressed latent KV) is not supported; use a "
         "model with standard attention; head_dim 100 is not a multiple of 8 (E8 codes 8-element groups); hybrid models "
         "(attention + Mamba/linear attention) are not supported; sliding-window attention layers are not supported "
-        "(refused rather than silently skipped)"
+        "(refused rather than silently skipped). Serve it with --kv-cache-dtype auto or fp8"
     )
 
 

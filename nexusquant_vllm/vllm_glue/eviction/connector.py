@@ -34,6 +34,14 @@ with ``compaction`` off it hits every full prompt block. Per-request stats go to
 ``RequestOutput.kv_transfer_params["nq_eviction"]`` (also in the OpenAI completion response's ``kv_transfer_params``)
 and to vLLM's stat loggers and Prometheus ``/metrics`` (:mod:`.metrics`).
 
+Tensor and pipeline parallelism: in every layer, the tensor-parallel group reduces its ranks' per-token scores
+(the mean or the max over all query heads: ``compat.tensor_parallel_reduce``, one all-reduce per layer in the
+scoring step), and the group's first rank sends them; vLLM's executor gathers every worker's metadata each step and
+:meth:`EvictionWorkerMetadata.aggregate` sums the pipeline stages' layers. So the scheduler decides once from the
+scores one rank would compute over all heads and layers, and every rank applies the same null-outs (each records
+them in ``applied``); compaction stays local (a rank's own layers and heads). Under PP the engine keeps one batch per stage in flight, so
+prompt chunks scheduled before the scores arrive are computed over the whole cache (``computed_before_eviction``).
+
 Requires an e8 ``--kv-cache-dtype`` (only the nexusquant backend masks holes) and a single KV-cache group.
 """
 
@@ -93,7 +101,8 @@ class EvictionWorkerMetadata(KVConnectorWorkerMetadata):
     pending_compactions: int = 0
 
     def aggregate(self, other: "EvictionWorkerMetadata") -> "EvictionWorkerMetadata":
-        """Tensor-parallel ranks each score their own heads: add them up."""
+        """Pipeline stages each score their own layers (one rank per stage sends them; its tensor-parallel group
+        reduced the heads): add them up."""
         merged = dict(self.scores)
         for req_id, s in other.scores.items():
             merged[req_id] = [a + b for a, b in zip(merged[req_id], s)] if req_id in merged else s
@@ -134,9 +143,13 @@ class NQEvictionConnector(KVConnectorBase_V1):
         self.compaction = params.compaction(extra)
         if role == KVConnectorRole.WORKER:
             window = int(extra.get(params.WINDOW_KEY, 32))
-            self.collector = ScoreCollector(WindowAttentionScorer(window=window))
+            self.collector = ScoreCollector(WindowAttentionScorer(window=window),
+                                            across_ranks=compat.tensor_parallel_reduce)
+            self._sends_scores: bool | None = None  # the first rank of its tensor-parallel group (set on first use)
             self._rope_looked_up = False
             self._pending_sent = 0
+            # the evictions this worker applied (its rank's heads or layers), for tests: every rank gets the same
+            self.applied: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
             compat.wrap_update_states(_on_update_states)
         else:
             self._requests: dict[str, _RequestState] = {}
@@ -195,7 +208,14 @@ class NQEvictionConnector(KVConnectorBase_V1):
         return
 
     def build_connector_worker_meta(self) -> EvictionWorkerMetadata | None:
+        """This step's scores (the tensor-parallel group reduced its heads already, so only its first rank sends
+        them) and the number of compactions waiting for a decision."""
+        if self._sends_scores is None:
+            rank, _ = compat.parallel_rank(self._vllm_config)
+            self._sends_scores = rank % self._vllm_config.parallel_config.tensor_parallel_size == 0
         taken, pending = self.collector.take(), len(self.collector.compactions)
+        if not self._sends_scores:
+            taken = {}
         if not taken and pending == self._pending_sent:
             return None
         self._pending_sent = pending
@@ -213,6 +233,7 @@ class NQEvictionConnector(KVConnectorBase_V1):
                 if targets and state is not None:  # before the null-out: the freed blocks are read
                     self.collector.compact(req_id, list(state.block_ids[0]), sorted(idx + targets), targets)
                 _null_out_worker_blocks(runner, req_id, idx)
+                self.applied.append({"req_id": req_id, "blocks": list(idx), "compacted": list(targets or ())})
             self.collector.drop(meta.evicted)
         self.collector.drop(scheduler_output.finished_req_ids)
         self.collector.drop(scheduler_output.preempted_req_ids or ())
