@@ -219,12 +219,14 @@ def _agreement(runs: list[dict], refs: list[dict], first: int) -> dict:
 
 def table(results: dict) -> str:
     rows = ["| configuration | vs | top-1 agreement (P + C) | mean abs. Δlogprob | greedy common prefix (of 32) | "
-            "after eviction: top-1 agreement (C) | abs. Δlogprob | greedy common prefix | same blocks freed |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "after eviction: top-1 agreement (C) | abs. Δlogprob | greedy common prefix | same blocks freed | "
+            "block scores' relative error |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name, c in results["comparisons"].items():
         p, e = c["plain"], c.get("evicted")
         ev = (f"{e['top1_agreement']:.3f} | {e['mean_abs_dlogprob']:.4f} | {e['greedy_common_prefix']} | "
-              f"{c['same_blocks_freed']}/{len(e['greedy_common_prefix'])}") if e else "- | - | - | -"
+              f"{c['same_blocks_freed']}/{len(e['greedy_common_prefix'])} | "
+              f"{c.get('block_score_relative_error', float('nan')):.2e}") if e else "- | - | - | - | -"
         rows.append(f"| {name} | {c['reference']} | {p['top1_agreement']:.3f} | {p['mean_abs_dlogprob']:.4f} | "
                     f"{p['greedy_common_prefix']} | {ev} |")
     return "\n".join(rows)
