@@ -39,8 +39,9 @@ Tensor and pipeline parallelism: in every layer, the tensor-parallel group reduc
 scoring step), and the group's first rank sends them; vLLM's executor gathers every worker's metadata each step and
 :meth:`EvictionWorkerMetadata.aggregate` sums the pipeline stages' layers. So the scheduler decides once from the
 scores one rank would compute over all heads and layers, and every rank applies the same null-outs (each records
-them in ``applied``); compaction stays local (a rank's own layers and heads). Under PP the engine keeps one batch per stage in flight, so
-prompt chunks scheduled before the scores arrive are computed over the whole cache (``computed_before_eviction``).
+them in ``applied``); compaction stays local (a rank's own layers and heads). Under PP the engine keeps one batch
+per stage in flight, so prompt chunks scheduled before the scores arrive are computed over the whole cache
+(``computed_before_eviction``).
 
 Requires an e8 ``--kv-cache-dtype`` (only the nexusquant backend masks holes) and a single KV-cache group.
 """
