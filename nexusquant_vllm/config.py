@@ -17,9 +17,12 @@ field                      environment variable             values
 ``attention``              ``NEXUSQUANT_ATTENTION``         ``auto`` (Triton on CUDA, native kernels on CPU, torch
                                                             elsewhere), ``torch``, ``native`` (CPU), ``triton`` (CUDA,
                                                             or the CPU under ``TRITON_INTERPRET=1``: tests only)
-``protect_layers``         ``NEXUSQUANT_PROTECT_LAYERS``    layers kept in the model dtype: ``N`` (first N and last N,
-                                                            default 2), ``none``, or indices ``0,1,29`` (one comma at
-                                                            least: ``5,``)
+``protect_layers``         ``NEXUSQUANT_PROTECT_LAYERS``    protected layers: ``N`` (first N and last N, default 2),
+                                                            ``none``, or indices ``0,1,29`` (one comma at least: ``5,``)
+``protect_format``         ``NEXUSQUANT_PROTECT_FORMAT``    what the protected layers store: ``auto`` (the model dtype,
+                                                            through vLLM's ``kv_cache_dtype_skip_layers``) or an e8
+                                                            dtype with more bits than the run's (e.g. ``e8-k4v4``: 68
+                                                            instead of 256 B per token-head at head_dim 64)
 ``eviction``               ``NEXUSQUANT_EVICTION``          install the eviction connector with this server default
                                                             (a preset or a rate); empty: not installed
 ``bench_scalar``           ``NEXUSQUANT_BENCH_SCALAR``      ``1``: also serve the ``scalar-*`` baseline dtypes
@@ -39,6 +42,7 @@ ADDITIONAL_CONFIG_KEY = "nexusquant"
 ENV_VARS = {
     "attention": "NEXUSQUANT_ATTENTION",
     "protect_layers": "NEXUSQUANT_PROTECT_LAYERS",
+    "protect_format": "NEXUSQUANT_PROTECT_FORMAT",
     "eviction": "NEXUSQUANT_EVICTION",
     "bench_scalar": "NEXUSQUANT_BENCH_SCALAR",
 }
@@ -50,6 +54,7 @@ class NexusQuantConfig:
 
     attention: str = "auto"
     protect_layers: str = "2"
+    protect_format: str = "auto"
     eviction: str = ""
     bench_scalar: bool = False
 
@@ -59,6 +64,7 @@ class NexusQuantConfig:
         if not isinstance(self.bench_scalar, bool):
             raise ValueError(f"nexusquant bench_scalar must be true or false, got {self.bench_scalar!r}")
         parse_protect_layers(self.protect_layers, num_layers=None)
+        check_protect_format(self.protect_format)
         if self.eviction:
             from nexusquant_vllm.eviction import parse_rate
 
@@ -84,7 +90,7 @@ class NexusQuantConfig:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"unknown additional_config.{ADDITIONAL_CONFIG_KEY} keys {unknown}; known: {sorted(known)}")
-        overrides = {k: str(v) if k in ("protect_layers", "eviction") else v for k, v in overrides.items()}
+        overrides = {k: str(v) if k in ("protect_layers", "protect_format", "eviction") else v for k, v in overrides.items()}
         return NexusQuantConfig(**{**asdict(self), **overrides})
 
     def to_dict(self) -> dict[str, object]:
@@ -116,6 +122,16 @@ def parse_protect_layers(spec: str, num_layers: int | None) -> list[int]:
         return []
     n = min(n, num_layers // 2)
     return sorted(set(range(n)) | set(range(num_layers - n, num_layers)))
+
+
+def check_protect_format(name: str) -> None:
+    """``auto`` or a served e8/scalar dtype name."""
+    from nexusquant_vllm.dtypes import E8_DTYPES, is_served
+
+    if name != "auto" and not is_served(name):
+        raise ValueError(
+            f"{ENV_VARS['protect_format']}={name!r}: expected 'auto' (the model dtype) or one of {', '.join(E8_DTYPES)}"
+        )
 
 
 def default_vllm_cpu_kv_space(gib: int) -> None:

@@ -138,6 +138,35 @@ def wrap_backend_selection(choose: Callable[[object], str | None]) -> None:
         pass
 
 
+def wrap_attention_init(layer_dtype: Callable[[str, object], str | None]) -> None:
+    """Let ``layer_dtype(prefix, cache_config)`` give one ``Attention`` layer another KV-cache dtype than the
+    run's (None: vLLM's own choice). vLLM knows one dtype per run plus its ``kv_cache_dtype_skip_layers``
+    (vllm/model_executor/layers/attention/attention.py:276-326); this hands the layer a copy of the cache config
+    with that dtype, so backend selection, the storage dtype, the KV spec and the impl all see it as if the run
+    had chosen it."""
+    import copy
+
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    def make(original: Callable) -> Callable:
+        signature = inspect.signature(original)
+
+        def __init__(self, *args, **kwargs):
+            bound = signature.bind(self, *args, **kwargs)
+            cache_config = bound.arguments.get("cache_config")
+            prefix = bound.arguments.get("prefix", "")
+            dtype = layer_dtype(prefix, cache_config) if cache_config is not None else None
+            if dtype is not None:
+                cache_config = copy.copy(cache_config)
+                cache_config.cache_dtype = dtype
+                bound.arguments["cache_config"] = cache_config
+            original(*bound.args, **bound.kwargs)
+
+        return __init__
+
+    wrap_method(Attention, "__init__", make)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 3. Hooks on engine config creation (frontend process), the worker's steps and request validation
 # --------------------------------------------------------------------------------------------------------------
@@ -290,6 +319,13 @@ def block_hashes(token_ids: list[int], block_size: int, algo: str = "sha256") ->
         parent = kv_cache_utils.hash_block_tokens(hash_fn, parent, token_ids[start : start + block_size])
         hashes.append(bytes(parent))
     return hashes
+
+
+def layer_index(prefix: str) -> int:
+    """The layer index in an attention layer's name, as vLLM reads it for ``kv_cache_dtype_skip_layers``."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    return extract_layer_index(prefix)
 
 
 def attention_layers(vllm_config) -> dict:

@@ -52,6 +52,7 @@ def register() -> None:
     compat.register_backend_name(BACKEND_NAME, backend_path(DEFAULT_DTYPE))
     compat.wrap_backend_selection(_choose_backend)
     compat.wrap_create_engine_config(startup.before_engine_config, startup.after_engine_config)
+    compat.wrap_attention_init(startup.protected_layer_dtype)
     compat.wrap_get_kv_cache_spec(startup.check_worker_layers)
     compat.wrap_extra_args_validation(eviction.validate_extra_arg)  # nq_eviction & co.: a clear error / HTTP 400
     compat.register_connector(eviction.CONNECTOR_NAME, eviction.CONNECTOR_MODULE)

@@ -5,9 +5,10 @@ The configuration (``nexusquant_vllm.config``) is resolved from ``additional_con
 environment when the engine config is built, and written back into ``additional_config["nexusquant"]``; every other
 process reads it from there (:func:`run_config`).
 
-Protected boundary layers keep the model dtype (still served by the nexusquant backend): ``protect_layers`` of the
-configuration (``NEXUSQUANT_PROTECT_LAYERS``; default the first 2 and the last 2 layers), plus vLLM's own
-``--kv-cache-dtype-skip-layers``.
+Protected boundary layers (still served by the nexusquant backend): ``protect_layers`` of the configuration
+(``NEXUSQUANT_PROTECT_LAYERS``; default the first 2 and the last 2 layers) store ``protect_format``: the model dtype
+(``auto``, through vLLM's ``kv_cache_dtype_skip_layers``) or an e8 dtype with more bits (given to those layers by
+``compat.wrap_attention_init``). Layers in vLLM's own ``--kv-cache-dtype-skip-layers`` always keep the model dtype.
 """
 
 from __future__ import annotations
@@ -99,11 +100,41 @@ def after_engine_config(engine_args, vllm_config) -> None:
         return
     model_config = vllm_config.model_config
     check_model(model_config)
-    num_layers = model_config.hf_text_config.num_hidden_layers
-    layers = parse_protect_layers(run_config(vllm_config).protect_layers, num_layers)
+    config = run_config(vllm_config)
+    if config.protect_format != "auto":
+        return  # protected_layer_dtype gives those layers their e8 format
+    layers = parse_protect_layers(config.protect_layers, model_config.hf_text_config.num_hidden_layers)
     cache_config.kv_cache_dtype_skip_layers = sorted(
         set(cache_config.kv_cache_dtype_skip_layers) | {str(i) for i in layers}
     )
+
+
+def protected_layer_dtype(prefix: str, cache_config) -> str | None:
+    """The e8 ``protect_format`` for a protected layer of an e8 run (``compat.wrap_attention_init``); None for every
+    other layer, for ``protect_format`` ``auto`` (vLLM's skip list does it) and for runs without an e8 dtype."""
+    if not is_served(cache_config.cache_dtype):
+        return None
+    from vllm.config import get_current_vllm_config_or_none
+
+    from nexusquant_vllm.vllm_glue.compat import layer_index
+
+    vllm_config = get_current_vllm_config_or_none()
+    config = run_config(vllm_config)
+    if config.protect_format == "auto" or vllm_config is None:
+        return None
+    protected = parse_protect_layers(config.protect_layers, vllm_config.model_config.hf_text_config.num_hidden_layers)
+    return config.protect_format if layer_index(prefix) in protected else None
+
+
+def layer_dtypes(vllm_config) -> list[str]:
+    """Each layer's KV-cache dtype in an e8 run: ``auto`` (model dtype), ``protect_format`` or the run's dtype."""
+    cache_config = vllm_config.cache_config
+    config = run_config(vllm_config)
+    num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
+    skipped = {int(s) for s in cache_config.kv_cache_dtype_skip_layers if s.isdigit()}
+    protected = set(parse_protect_layers(config.protect_layers, num_layers)) if config.protect_format != "auto" else set()
+    return ["auto" if i in skipped else config.protect_format if i in protected else cache_config.cache_dtype
+            for i in range(num_layers)]
 
 
 def check_worker_layers(runner, specs: dict) -> None:
@@ -148,41 +179,44 @@ def kv_budget(specs: dict, model_dtype: torch.dtype) -> dict:
     }
 
 
-def all_ranks_budget(vllm_config, fmt) -> dict:
+def all_ranks_budget(vllm_config) -> dict:
     """Bytes per token of the whole model's cache over every tensor x pipeline rank (KV heads that tensor
     parallelism replicates counted once per copy), and of the same cache in the model dtype."""
     model_config, parallel = vllm_config.model_config, vllm_config.parallel_config
     tp = parallel.tensor_parallel_size
     heads = model_config.get_num_kv_heads(parallel) * tp  # per layer, over the TP ranks
-    protected = {int(s) for s in vllm_config.cache_config.kv_cache_dtype_skip_layers if s.isdigit()}
-    num_layers = model_config.hf_text_config.num_hidden_layers
-    dense_slot = 2 * model_config.get_head_size() * torch.tensor([], dtype=model_config.dtype).element_size()
-    per_layer = [dense_slot if i in protected else fmt.slot_bytes for i in range(num_layers)]
-    return {"bytes_per_token": heads * sum(per_layer), "dense_bytes_per_token": heads * num_layers * dense_slot,
-            "ranks": tp * parallel.pipeline_parallel_size, "protected": len(protected & set(range(num_layers)))}
+    head_size = model_config.get_head_size()
+    dense_slot = 2 * head_size * torch.tensor([], dtype=model_config.dtype).element_size()
+    dtypes = layer_dtypes(vllm_config)
+    per_layer = [dense_slot if d == "auto" else get_format(d, head_size).slot_bytes for d in dtypes]
+    return {"bytes_per_token": heads * sum(per_layer), "dense_bytes_per_token": heads * len(dtypes) * dense_slot,
+            "ranks": tp * parallel.pipeline_parallel_size,
+            "protected": sum(d != vllm_config.cache_config.cache_dtype for d in dtypes)}
 
 
 def _log_budget(vllm_config, layers: dict, specs: dict, dtype: str) -> None:
     model_dtype = vllm_config.model_config.dtype
     dtype_name = str(model_dtype).replace("torch.", "")
     fmt = get_format(dtype, vllm_config.model_config.get_head_size())
-    protected = sorted(name for name, layer in layers.items() if not is_served(layer.kv_cache_dtype))
+    protected = sorted(name for name, layer in layers.items() if layer.kv_cache_dtype != dtype)
+    protected_as = "/".join(sorted({dtype_name if not is_served(layers[n].kv_cache_dtype) else layers[n].kv_cache_dtype
+                                     for n in protected})) or dtype_name
     b = kv_budget(specs, model_dtype)
     _logger().info(
         "nexusquant: kv_cache_dtype=%s (K %d bits, V %d bits, %d B/token-head = %.3f bits/elem incl. fp16 scales, "
         "%d B padding); %d/%d layers E8, %d protected in %s; %.0f B/token over all layers vs %.0f in %s: "
         "KV capacity ratio %.2fx; attention paths: %s%s",
         dtype, fmt.k_bits, fmt.v_bits, fmt.slot_bytes, fmt.bits_per_element, b["padding_bytes_per_token"],
-        len(layers) - len(protected), len(layers), len(protected), dtype_name,
-        b["bytes_per_token"], b["dense_bytes_per_token"], dtype_name, b["capacity_ratio"], _path_names(layers),
-        _ranks_note(vllm_config, fmt, len(layers)),
+        len(layers) - len(protected), len(layers), len(protected), protected_as,
+        b["bytes_per_token"], b["dense_bytes_per_token"], dtype_name, b["capacity_ratio"], _path_names(layers, dtype),
+        _ranks_note(vllm_config, len(layers)),
     )
 
 
-def _ranks_note(vllm_config, fmt, num_layers: int) -> str:
+def _ranks_note(vllm_config, num_layers: int) -> str:
     """Under tensor or pipeline parallelism: what this rank holds and the whole cache over every rank."""
     parallel = vllm_config.parallel_config
-    total = all_ranks_budget(vllm_config, fmt)
+    total = all_ranks_budget(vllm_config)
     if total["ranks"] == 1:
         return ""
     from nexusquant_vllm.vllm_glue.compat import parallel_rank
@@ -198,10 +232,10 @@ def _ranks_note(vllm_config, fmt, num_layers: int) -> str:
     )
 
 
-def _path_names(layers: dict) -> str:
+def _path_names(layers: dict, dtype: str) -> str:
     """Which attention path serves the E8 and the protected layers, e.g. ``E8 native-cpu, protected native-cpu``."""
     names: dict[str, set[str]] = {}
     for layer in layers.values():
-        kind = "E8" if is_served(layer.kv_cache_dtype) else "protected"
+        kind = "E8" if layer.kv_cache_dtype == dtype else "protected"
         names.setdefault(kind, set()).add(layer.impl.path.name)
     return ", ".join(f"{kind} {'/'.join(sorted(paths))}" for kind, paths in sorted(names.items()))

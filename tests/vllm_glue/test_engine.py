@@ -142,3 +142,27 @@ def test_k3v2_default_protection_coherent(model_path, auto_run, llm_factory):
         assert stop[0].outputs[0].finish_reason == "stop" and "." not in stop[0].outputs[0].text
     assert "Paris" in texts[0]
     assert statistics.mean(forced) >= 0.6, forced
+
+
+def test_protected_layers_in_a_higher_bit_e8_format(model_path, auto_run, llm_factory, capacity):
+    """``protect_format`` e8-k4v4: the 4 boundary layers store 68 B per token-head instead of bf16's 256 B. vLLM's
+    capacity shows each layer got its own page size; the protected layers still help (agreement as the default's)."""
+    protect = {"nexusquant": {"protect_format": "e8-k4v4"}}
+    with llm_factory(model_path, "e8-k3v2", in_process=True, additional_config=protect, **SMALL_CHUNKS) as llm:
+        ratio = capacity(llm) / auto_run["capacity"]
+        _, forced, texts = _agreement(llm, auto_run, "e8-k3v2, protected in e8-k4v4")
+        runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+        layers = _layer_dtypes(runner.vllm_config)
+    expected = 30 * 256 / (26 * 44 + 4 * 68)  # 5.42x
+    print(f"\nKV capacity with the protected layers in e8-k4v4: {ratio:.3f}x auto (bytes: {expected:.3f}x)")
+    assert abs(ratio / expected - 1) < 0.01
+    assert layers == ["e8-k4v4"] * 2 + ["e8-k3v2"] * 26 + ["e8-k4v4"] * 2
+    assert "Paris" in texts[0] and statistics.mean(forced) >= 0.6, forced
+
+
+def _layer_dtypes(vllm_config) -> list[str]:
+    """Every attention layer's KV-cache dtype, in layer order."""
+    from nexusquant_vllm.vllm_glue.compat import attention_layers
+
+    layers = attention_layers(vllm_config)
+    return [layers[name].kv_cache_dtype for name in sorted(layers, key=lambda n: int(n.split(".")[2]))]

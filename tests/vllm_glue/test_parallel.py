@@ -104,18 +104,21 @@ def test_pp2_outputs_match_one_rank(tp1, pp2):
 
 def test_startup_budget_over_all_ranks_does_not_depend_on_the_split():
     """The log line's all-ranks figure: the whole cache, however TP and PP cut it (6 KV heads x (26 E8 layers x 44 B
-    + 4 protected bf16 layers x 256 B) per token)."""
+    + 4 protected layers x 256 B in bf16, or x 68 B in e8-k4v4) per token)."""
     from vllm.engine.arg_utils import EngineArgs
 
     from nexusquant_vllm.model_store import split_smollm2
     from nexusquant_vllm.vllm_glue.startup import all_ranks_budget
 
-    for tp, pp in [(1, 1), (2, 1), (1, 2), (3, 2)]:
-        config = EngineArgs(model=split_smollm2(), kv_cache_dtype="e8-k3v2", max_model_len=512,
-                            tensor_parallel_size=tp, pipeline_parallel_size=pp).create_engine_config()
-        budget = all_ranks_budget(config, get_format("e8-k3v2", 64))
-        assert budget == {"bytes_per_token": 6 * (26 * 44 + 4 * 256), "dense_bytes_per_token": 6 * 30 * 256,
-                          "ranks": tp * pp, "protected": 4}, (tp, pp)
+    for protect_format, protected_slot in [("auto", 256), ("e8-k4v4", 68)]:
+        for tp, pp in [(1, 1), (2, 1), (1, 2), (3, 2)]:
+            config = EngineArgs(model=split_smollm2(), kv_cache_dtype="e8-k3v2", max_model_len=512,
+                                tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                                additional_config={"nexusquant": {"protect_format": protect_format}},
+                                ).create_engine_config()
+            budget = all_ranks_budget(config)
+            assert budget == {"bytes_per_token": 6 * (26 * 44 + 4 * protected_slot),
+                              "dense_bytes_per_token": 6 * 30 * 256, "ranks": tp * pp, "protected": 4}, (tp, pp)
 
 
 SHORT = 256  # prompt tokens, prefilled 64 at a time: the later chunks read the earlier ones from the pages
