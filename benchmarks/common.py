@@ -17,8 +17,8 @@ from benchmarks.results_io import RESULTS_DIR, write_results
 from nexusquant_vllm.model_store import smollm2_path
 
 __all__ = [
-    "QKV", "RESULTS_DIR", "capture_qkv", "corpus_token_chunks", "load_corpus_text", "paired_delta", "shutdown_llm",
-    "smollm2_path", "write_results",
+    "QKV", "RESULTS_DIR", "capture_qkv", "corpus_token_chunks", "load_corpus_text", "paired_delta",
+    "parse_serve_config", "passkey_prompts", "shutdown_llm", "smollm2_path", "write_results",
 ]
 
 # The eviction benchmarks (eviction.py, eviction_capacity.py): vLLM block size, eviction rates, and the plugin
@@ -109,3 +109,39 @@ def paired_delta(nll: np.ndarray, ref: np.ndarray, n_tokens: int, reps: int = 20
     rng = np.random.default_rng(seed)
     boots = np.expm1(diff[rng.integers(0, len(diff), size=(reps, len(diff)))].mean(axis=1))
     return point, float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
+def passkey_prompts(tokenizer, n_trials: int, prompt_tokens: int, seed: int) -> list[tuple[str, str, float]]:
+    """(prompt, passkey, depth) triples; depths spread evenly over (0.1, 0.9)."""
+    rng = random.Random(seed)
+    sentences = [s.strip() + "." for s in load_corpus_text().split(".") if 40 < len(s.strip()) < 300]
+    out = []
+    for t in range(n_trials):
+        key = str(rng.randint(10000, 99999))
+        depth = 0.1 + 0.8 * t / max(n_trials - 1, 1)
+        needle = f" The passkey is {key}. Remember it: {key}."
+        filler, n = [], 0
+        while n < prompt_tokens - 60:
+            s = rng.choice(sentences)
+            filler.append(s)
+            n += len(tokenizer(s).input_ids)
+        cut = int(len(filler) * depth)
+        body = " ".join(filler[:cut]) + needle + " " + " ".join(filler[cut:])
+        out.append((f"{body}\nQuestion: what is the passkey? Answer: The passkey is", key, depth))
+    return out
+
+
+def parse_serve_config(item: str) -> tuple[str, dict]:
+    """A served configuration ``DTYPE[@PROTECT[@FORMAT]]`` -> (kv_cache_dtype, the plugin's ``additional_config``
+    entries): PROTECT is ``protect_layers`` (a count, ``none``, or layer indices joined by ``+``), FORMAT
+    ``protect_format`` (``auto`` or an e8 dtype). E.g. ``e8-k3v2@2@e8-k4v4``, ``e8-k3v2@0+29``."""
+    dtype, *rest = item.split("@")
+    if len(rest) > 2:
+        raise ValueError(f"{item!r}: expected DTYPE[@PROTECT[@FORMAT]]")
+    own = {}
+    if rest:
+        layers = rest[0].replace("+", ",")
+        own["protect_layers"] = layers if "," not in layers or layers.endswith(",") else layers + ","
+    if len(rest) == 2:
+        own["protect_format"] = rest[1]
+    return dtype, own

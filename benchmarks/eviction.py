@@ -18,8 +18,8 @@ the eviction rate, for the `e8-k3v2` cache and an uncompressed `bf16` cache; `re
 * reported: PPL per (dtype, P, rate), the paired ΔPPL vs rate 0 of the same dtype with a 95% bootstrap CI over
   chunks (`common.paired_delta`), and the fraction of the prefix evicted (whole blocks, so <= rate).
 
-**Passkey**: `passkey_prompts` (a 5-digit key at depths 0.1..0.9 of BBC filler sentences, then a question); recall =
-the key appears in the greedy 8-token answer; eviction after the whole prompt (the default).
+**Passkey**: `common.passkey_prompts` (a 5-digit key at depths 0.1..0.9 of BBC filler sentences, then a question);
+recall = the key appears in the greedy 8-token answer; eviction after the whole prompt (the default).
 
 **dtypes**: `e8-k3v2`, and `bf16`: vLLM's `auto` cannot evict (its CPU attention does not mask freed blocks, so the
 connector refuses it); `bf16` is the model-dtype cache served by the nexusquant backend with all 30 layers
@@ -38,12 +38,11 @@ import argparse
 import json
 import math
 import os
-import random
 import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from benchmarks.common import ALL_LAYERS_BF16  # noqa: E402
+from benchmarks.common import ALL_LAYERS_BF16, passkey_prompts  # noqa: E402
 from benchmarks.common import EVICTION_BLOCK_SIZE as BLOCK_SIZE  # noqa: E402
 from benchmarks.common import EVICTION_RATES as RATES  # noqa: E402
 
@@ -68,28 +67,6 @@ def chunk_digest(chunks: list[list[int]]) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(chunks).encode()).hexdigest()[:16]
-
-
-def passkey_prompts(tokenizer, n_trials: int, prompt_tokens: int, seed: int) -> list[tuple[str, str, float]]:
-    """(prompt, passkey, depth) triples; depths spread evenly over (0.1, 0.9)."""
-    from benchmarks.corpus import load_corpus_text
-
-    rng = random.Random(seed)
-    sentences = [s.strip() + "." for s in load_corpus_text().split(".") if 40 < len(s.strip()) < 300]
-    out = []
-    for t in range(n_trials):
-        key = str(rng.randint(10000, 99999))
-        depth = 0.1 + 0.8 * t / max(n_trials - 1, 1)
-        needle = f" The passkey is {key}. Remember it: {key}."
-        filler, n = [], 0
-        while n < prompt_tokens - 60:
-            s = rng.choice(sentences)
-            filler.append(s)
-            n += len(tokenizer(s).input_ids)
-        cut = int(len(filler) * depth)
-        body = " ".join(filler[:cut]) + needle + " " + " ".join(filler[cut:])
-        out.append((f"{body}\nQuestion: what is the passkey? Answer: The passkey is", key, depth))
-    return out
 
 
 # ---- vLLM runs ------------------------------------------------------------------------------------------------

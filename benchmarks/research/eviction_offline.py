@@ -479,7 +479,7 @@ def passkey(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
 
     from benchmarks.common import smollm2_path
-    from benchmarks.eviction import passkey_prompts
+    from benchmarks.common import passkey_prompts
 
     path = str(smollm2_path())
     tokenizer = AutoTokenizer.from_pretrained(path)

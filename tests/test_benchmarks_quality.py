@@ -1,0 +1,56 @@
+"""The quality benchmarks' bookkeeping (no engine): served configurations, honest bits per element, where the loss
+sits within a prefill chunk, and needle answers compared prompt by prompt with auto."""
+
+import argparse
+
+import numpy as np
+import pytest
+
+from benchmarks import needle, quality_ppl
+from benchmarks.common import parse_serve_config
+
+
+def test_serve_config_syntax():
+    assert parse_serve_config("auto") == ("auto", {})
+    assert parse_serve_config("e8-k3v2@none") == ("e8-k3v2", {"protect_layers": "none"})
+    assert parse_serve_config("e8-k3v2@2@e8-k4v4") == ("e8-k3v2", {"protect_layers": "2", "protect_format": "e8-k4v4"})
+    assert parse_serve_config("e8-k3v2@0+29") == ("e8-k3v2", {"protect_layers": "0,29,"})
+    assert parse_serve_config("e8-k3v2@0+") == ("e8-k3v2", {"protect_layers": "0,"})  # layer 0, not a count
+    with pytest.raises(ValueError, match="DTYPE\\[@PROTECT\\[@FORMAT\\]\\]"):
+        parse_serve_config("e8-k3v2@2@e8-k4v4@x")
+
+
+def test_bits_count_protected_layers_at_what_they_store():
+    def mean(config):
+        bits = quality_ppl.layer_bits(config)
+        return sum(bits) / len(bits)
+
+    assert mean("auto") == 16 and mean("fp8") == 8
+    assert mean("e8-k3v2@none") == 2.75  # 44 B per token-head of 64 elements, scales included
+    assert mean("e8-k3v2@2") == pytest.approx((4 * 16 + 26 * 2.75) / 30)  # bf16
+    assert mean("e8-k3v2@2@e8-k4v4") == pytest.approx((4 * 4.25 + 26 * 2.75) / 30)
+    assert quality_ppl.layer_bits("e8-k3v2@0+29@e8-k4v4")[::29] == [4.25, 4.25]
+
+
+def test_loss_is_split_at_the_prefill_chunk_boundary():
+    """Scored positions start at batch_tokens; the first ``recent`` of each chunk are reported apart."""
+    args = argparse.Namespace(batch_tokens=8, recent=2)
+    ref = np.zeros((3, 24))
+    nll = ref.copy()
+    nll[:, [0, 1, 8, 9, 16, 17]] = 0.5  # the first 2 positions of each of the 3 scored chunks
+    run = {"nll": nll, "wall_s": 1.0, "capacity": 500}
+    row = quality_ppl.config_row(args, "e8-k3v2@none", run, {"nll": ref, "capacity": 100})
+    assert row["dnll_recent"] == pytest.approx(0.5) and row["dnll_rest"] == 0
+    assert row["capacity_ratio"] == 5 and row["delta_ppl"] == pytest.approx(np.expm1(0.5 * 6 / 24))
+
+
+def test_needle_rows_compare_each_prompt_with_auto():
+    trials = {1024: [("p", "1", 0.1), ("p", "2", 0.5), ("p", "3", 0.9)]}
+    runs = {"auto": {"hits": {1024: [True, True, False]}, "capacity": 100},
+            "e8-k3v2": {"hits": {1024: [True, False, True]}, "capacity": 354}}
+    rows = needle.rows_for(["auto", "e8-k3v2"], runs, trials)
+    assert rows[0]["found_only_by_auto"] == rows[0]["found_only_by_this"] == 0
+    e8 = rows[1]
+    assert (e8["recall"], e8["auto_recall"]) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+    assert (e8["found_only_by_auto"], e8["found_only_by_this"], e8["missed_depths"]) == (1, 1, [0.5])
+    assert e8["capacity_ratio"] == pytest.approx(3.54)
