@@ -80,26 +80,34 @@ def token_nll(model: str, item: str, chunks: list[list[int]], batch_tokens: int)
 
 
 def plot(rows: list[dict], path) -> None:
+    """Left: ΔPPL against vLLM's capacity. Right: mean ΔNLL against the position within the prefill chunk."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
-        if r.get("error"):
-            continue
+    fig, (ax, by_offset) = plt.subplots(1, 2, figsize=(14, 5))
+    for i, r in enumerate(r for r in rows if not r.get("error")):
         color = ("C3" if r["config"] == "auto" else "C0" if r["config"].startswith("e8") else
                  "C1" if r["config"].startswith("scalar") else "C2")
         y = 100 * r["delta_ppl"]
         err = [[y - 100 * r["ci_low"]], [100 * r["ci_high"] - y]]
         ax.errorbar(r["capacity_ratio"], y, yerr=err, fmt="o", color=color, capsize=3)
         ax.annotate(r["config"], (r["capacity_ratio"], y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        if r["config"] != "auto":
+            curve = np.asarray(r["dnll_by_offset"])
+            bins = curve[: len(curve) // 8 * 8].reshape(-1, 8).mean(1)  # 8 positions per point
+            by_offset.plot(np.arange(len(bins)) * 8 + 3.5, bins, label=r["config"], color=f"C{i % 10}")
     ax.axhline(0, color="gray", lw=0.8)
     ax.set_xlabel("KV capacity vs auto (vLLM's blocks x block size in the same KV space)")
     ax.set_ylabel("ΔPPL vs auto (%), 95% bootstrap CI")
     ax.set_title("SmolLM2-135M on vLLM (CPU), chunked prefill 256: e8 (blue), scalar (orange), fp8 (green), auto (red);"
                  " DTYPE@PROTECT@FORMAT", fontsize=8)
+    by_offset.axhline(0, color="gray", lw=0.8)
+    by_offset.set_xlabel("position within the prefill chunk (0: its nearest neighbours were all read from the cache)")
+    by_offset.set_ylabel("mean ΔNLL vs auto (nats per token, 8 positions per point)")
+    by_offset.set_title("Where the loss sits within a prefill chunk", fontsize=8)
+    by_offset.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -166,6 +174,7 @@ def config_row(args, config: str, run: dict, auto: dict) -> dict:
             "capacity_tokens": run["capacity"], "capacity_ratio": run["capacity"] / auto["capacity"],
             "dnll_recent": float(diff[:, offset < args.recent].mean()),
             "dnll_rest": float(diff[:, offset >= args.recent].mean()),
+            "dnll_by_offset": [float(diff[:, offset == o].mean()) for o in range(args.batch_tokens)],
             "wall_s": run["wall_s"], "per_chunk_nll": nll.sum(1).tolist()}
 
 

@@ -27,6 +27,7 @@ from nexusquant_vllm.codec.format import CODEC_VERSION, E8_DTYPES
 from nexusquant_vllm.offload.record import DEFAULT_TRANSFORMS, check_transforms, namespace
 from nexusquant_vllm.vllm_glue import compat
 from nexusquant_vllm.vllm_glue.eviction import params as eviction_params
+from nexusquant_vllm.vllm_glue.startup import layer_dtypes
 
 CONNECTOR_NAME = "NQOffloadConnector"
 CONNECTOR_MODULE = "nexusquant_vllm.vllm_glue.offload.connector"
@@ -126,13 +127,13 @@ def check_engine_config(vllm_config) -> None:
 
 def run_namespaces(vllm_config) -> list[bytes]:
     """One namespace per tensor x pipeline parallel rank (each stores its own heads or layers): a record of
-    another model, weights, model dtype, e8 dtype, codec version, block size, protected layers, hash algorithm or
-    parallel layout is never a hit."""
+    another model, weights, model dtype, e8 dtype, codec version, block size, protected layers (which, and in what
+    format), hash algorithm or parallel layout is never a hit."""
     cache, parallel = vllm_config.cache_config, vllm_config.parallel_config
     world = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
     parts = (
         model_fingerprint(vllm_config.model_config), cache.cache_dtype, CODEC_VERSION, cache.block_size,
-        ",".join(sorted(cache.kv_cache_dtype_skip_layers, key=str)), cache.prefix_caching_hash_algo,
+        ",".join(layer_dtypes(vllm_config)), cache.prefix_caching_hash_algo,
         parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
     )
     return [namespace(*parts, rank) for rank in range(world)]
