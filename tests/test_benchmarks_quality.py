@@ -54,3 +54,12 @@ def test_needle_rows_compare_each_prompt_with_auto():
     assert (e8["recall"], e8["auto_recall"]) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
     assert (e8["found_only_by_auto"], e8["found_only_by_this"], e8["missed_depths"]) == (1, 1, [0.5])
     assert e8["capacity_ratio"] == pytest.approx(3.54)
+
+
+def test_configurations_pair_on_the_same_chunks():
+    rows = [{"config": "e8-k3v2", "per_chunk_nll": [10.0, 20.0, 30.0]},
+            {"config": "e8-k3v2@2@e8-k4v4", "per_chunk_nll": [10.1, 20.1, 30.1]},
+            {"config": "fp8", "error": "needs AVX-512"}]
+    pair = quality_ppl.paired(rows, "e8-k3v2@2@e8-k4v4", "e8-k3v2", scored=10)
+    assert pair["delta_ppl"] == pytest.approx(np.expm1(0.01)) and pair["ci_low"] == pytest.approx(pair["ci_high"])
+    assert quality_ppl.paired(rows, "fp8", "e8-k3v2", scored=10) is None
