@@ -25,7 +25,7 @@ __all__ = [
 # configuration that keeps all 30 of SmolLM2's layers in bf16 (the "bf16" cache: first 15 + last 15 protected)
 EVICTION_BLOCK_SIZE = 32
 EVICTION_RATES = (0.0, 0.35, 0.6, 0.8)
-ALL_LAYERS_BF16 = {"nexusquant": {"protect_layers": "15"}}
+ALL_LAYERS_BF16 = {"nexusquant": {"protect_layers": "15", "protect_format": "auto"}}
 CAPTURE_ATTENTION = "nexusquant_capture"
 
 

@@ -1,7 +1,7 @@
 """The compressed KV tier (NQOffloadConnector) on SmolLM2 through vLLM's CPU build: bytes per token in each tier,
 codec throughput, time to first token from RAM and disk against recomputing, and a fault run.
 
-1. **Bytes.** For e8-k3v2 with the default protection (first and last 2 layers bf16), with none, and with every
+1. **Bytes.** For e8-k3v2 with the first and last 2 layers protected in bf16, with none, and with every
    layer bf16 (the `auto` reference), an engine prefills `--chunks` corpus chunks of `--chunk-len` tokens with the
    tier's disk directory on; every saved record is then decoded and re-encoded with each transform per stream
    (raw pages, + zstd, + byte planes, + scale deltas, + a zstd dictionary trained on the other half of the blocks).
@@ -39,7 +39,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 BLOCK_SIZE = 128  # vLLM's CPU default
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M
 BF16_BYTES_PER_TOKEN = LAYERS * KV_HEADS * HEAD_DIM * 2 * 2
-PROTECTIONS = {"default": "2", "none": "none", "all bf16": "15"}
+PROTECTIONS = {"2 + 2 bf16": "2", "none": "none", "all bf16": "15"}  # protected layers in bf16 (layout() models that)
 NAME = "offload"
 
 
@@ -54,7 +54,7 @@ def engine(dtype: str, protect: str, tier: dict, max_model_len: int):
 
     llm = LLM(model=str(smollm2_path()), kv_cache_dtype=dtype, max_model_len=max_model_len, enforce_eager=True,
               seed=0, block_size=BLOCK_SIZE, kv_transfer_config=kv_transfer_config(**tier),
-              additional_config={"nexusquant": {"protect_layers": protect}})
+              additional_config={"nexusquant": {"protect_layers": protect, "protect_format": "auto"}})
     try:
         yield llm
     finally:

@@ -89,6 +89,8 @@ def engine_args(config: Config, chunk: int = PROMPT_TOKENS) -> dict:
         args["enforce_eager"] = True
     if config.dtype.startswith("e8-"):
         args["kv_transfer_config"] = kv_transfer_config("lossless", min_prompt_tokens=256)
+        # the protection these results were measured with (bf16 boundary layers, the default until protect_format)
+        args["additional_config"] = {"nexusquant": {"protect_format": "auto"}}
     return args
 
 

@@ -34,10 +34,6 @@ from tqdm import tqdm
 
 from benchmarks.common import paired_delta, parse_serve_config, shutdown_llm
 
-# Benchmark-only: also register the scalar baseline dtypes (scalar-k3v2, ...). Must be set before vLLM loads the
-# plugin, and is inherited by vLLM's spawned processes.
-os.environ.setdefault("NEXUSQUANT_BENCH_SCALAR", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 DEFAULT_DTYPES = ["auto", "e8-k3v2", "scalar-k3v2", "e8-k4v4", "fp8", "e8-k2v2", "scalar-k2v2", "e8-k4v2", "e8-k3v3", "scalar-k4v4"]
 NUM_LAYERS, HEAD_DIM = 30, 64  # SmolLM2-135M
@@ -114,6 +110,10 @@ def plot(rows: list[dict], path) -> None:
 
 
 def main() -> None:
+    # Benchmark-only: also register the scalar baseline dtypes (scalar-k3v2, ...). Must be set before vLLM loads the
+    # plugin, and is inherited by vLLM's spawned processes.
+    os.environ.setdefault("NEXUSQUANT_BENCH_SCALAR", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--chunks", type=int, default=16)
     p.add_argument("--chunk-len", type=int, default=1024)
@@ -124,6 +124,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="quality_ppl", help="results/NAME.{json,md,png} (a focused rerun keeps the full table)")
     p.add_argument("--report-only", action="store_true", help="rewrite NAME's table and PNG from its JSON")
+    p.add_argument("--resume", action="store_true",
+                   help="keep NAME's rows of the same chunks and measure only the configurations it lacks (and auto)")
     args = p.parse_args()
     if args.report_only:
         from benchmarks.common import RESULTS_DIR
@@ -149,8 +151,11 @@ def measure(args) -> None:
     for c in configs:
         parse_serve_config(c)  # a bad configuration fails before the first engine starts
 
+    kept = resumed_rows(args) if args.resume else {}
     runs: dict[str, dict] = {}
     for i, c in enumerate(tqdm(configs, desc="configurations", unit="engine")):
+        if c in kept:
+            continue
         try:
             nll, wall, capacity = token_nll(model, c, chunks, args.batch_tokens)
             runs[c] = {"nll": nll, "wall_s": wall, "capacity": capacity}
@@ -159,7 +164,21 @@ def measure(args) -> None:
             runs[c] = {"error": f"{type(e).__name__}: {e}"}
             tqdm.write(f"{c}: failed: {runs[c]['error']}")
         if "nll" in runs.get("auto", {}):  # results so far, rewritten after every configuration
-            report(args, [config_row(args, c, runs[c], runs["auto"]) for c in configs[: i + 1]])
+            report(args, [kept[c] if c in kept else config_row(args, c, runs[c], runs["auto"])
+                          for c in configs[: i + 1]])
+
+
+def resumed_rows(args) -> dict[str, dict]:
+    """The rows of results/NAME.json, by configuration, if they were measured on the same chunks (else none)."""
+    from benchmarks.common import RESULTS_DIR
+
+    path = RESULTS_DIR / f"{args.name}.json"
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    same = [saved.get(k) for k in ("chunks", "chunk_len", "max_num_batched_tokens", "recent", "seed")] == [
+        args.chunks, args.chunk_len, args.batch_tokens, args.recent, args.seed]
+    return {r["config"]: r for r in saved["rows"] if r["config"] != "auto" and "error" not in r} if same else {}
 
 
 def paired(rows: list[dict], a: str, b: str, scored: int) -> dict | None:

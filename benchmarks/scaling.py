@@ -47,17 +47,17 @@ class Deployment:
     block_size: int = 16
 
 
-def kv_bytes_per_token_per_rank(model: Model, dep: Deployment, dtype: str, protected: int = 0) -> float:
-    """One token's K and V in every layer, for the KV heads one TP rank holds; ``protected`` layers stay bf16."""
+def kv_bytes_per_token_per_rank(model: Model, dep: Deployment, dtype: str, protected: int = 0,
+                                protect_format: str = "bf16") -> float:
+    """One token's K and V in every layer, for the KV heads one TP rank holds; ``protected`` layers store
+    ``protect_format``."""
     heads = max(model.kv_heads // dep.tp, 1)  # fewer KV heads than ranks: vLLM replicates them
-    dense = heads * 2 * model.head_dim * 2
-    if dtype == "bf16":
-        per_layer = dense
-    elif dtype == "fp8":
-        per_layer = dense / 2
-    else:
-        per_layer = heads * get_format(dtype, model.head_dim).slot_bytes
-    return (model.layers - protected) * per_layer + protected * dense
+
+    def per_layer(d: str) -> float:
+        dense = heads * 2 * model.head_dim * 2
+        return dense if d == "bf16" else dense / 2 if d == "fp8" else heads * get_format(d, model.head_dim).slot_bytes
+
+    return (model.layers - protected) * per_layer(dtype) + protected * per_layer(protect_format)
 
 
 def kv_budget_gib(model: Model, dep: Deployment) -> float:
@@ -67,11 +67,12 @@ def kv_budget_gib(model: Model, dep: Deployment) -> float:
 
 def rows(model: Model, dep: Deployment) -> list[dict]:
     budget = kv_budget_gib(model, dep) * GIB
-    configs = [("bf16", "bf16", 0), ("fp8", "fp8", 0), ("e8-k3v2, default protection (2 + 2 bf16)", "e8-k3v2", 4),
-               ("e8-k3v2, no protection", "e8-k3v2", 0)]
+    configs = [("bf16", "bf16", 0, "bf16"), ("fp8", "fp8", 0, "bf16"),
+               ("e8-k3v2, default protection (2 + 2 e8-k4v4)", "e8-k3v2", 4, "e8-k4v4"),
+               ("e8-k3v2, no protection", "e8-k3v2", 0, "bf16")]
     out = []
-    for label, dtype, protected in configs:
-        per_token = kv_bytes_per_token_per_rank(model, dep, dtype, protected)
+    for label, dtype, protected, protect_format in configs:
+        per_token = kv_bytes_per_token_per_rank(model, dep, dtype, protected, protect_format)
         for rate in EVICTION_RATES if dtype == "e8-k3v2" else (0.0,):
             # eviction frees whole blocks of the prompt; the context is all prompt here
             kept = math.ceil(dep.context * (1 - rate) / dep.block_size) * dep.block_size
@@ -138,7 +139,7 @@ def markdown(model: Model, dep: Deployment, table: list[dict], traffic: dict, di
         "",
         "e8 rows count everything stored: codes and the fp16 scales of each token-head "
         f"({get_format('e8-k3v2', model.head_dim).slot_bytes} B per token-head at head_dim {model.head_dim}), and "
-        "the protected layers in bf16. Eviction keeps `ceil(context x (1 - rate) / block) x block` tokens.",
+        f"the protected layers in e8-k4v4 ({get_format('e8-k4v4', model.head_dim).slot_bytes} B). Eviction keeps `ceil(context x (1 - rate) / block) x block` tokens.",
         "",
         "## What eviction adds between ranks",
         "",

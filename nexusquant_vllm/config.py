@@ -19,10 +19,12 @@ field                      environment variable             values
                                                             or the CPU under ``TRITON_INTERPRET=1``: tests only)
 ``protect_layers``         ``NEXUSQUANT_PROTECT_LAYERS``    protected layers: ``N`` (first N and last N, default 2),
                                                             ``none``, or indices ``0,1,29`` (one comma at least: ``5,``)
-``protect_format``         ``NEXUSQUANT_PROTECT_FORMAT``    what the protected layers store: ``auto`` (the model dtype,
-                                                            through vLLM's ``kv_cache_dtype_skip_layers``) or an e8
-                                                            dtype with more bits than the run's (e.g. ``e8-k4v4``: 68
-                                                            instead of 256 B per token-head at head_dim 64)
+``protect_format``         ``NEXUSQUANT_PROTECT_FORMAT``    what the protected layers store: an e8 dtype with more bits
+                                                            than the run's (default ``e8-k4v4``: 68 instead of 256 B
+                                                            per token-head at head_dim 64, measured as good as bf16 in
+                                                            ``benchmarks/results/quality_capacity.md``) or ``auto``
+                                                            (the model dtype, through vLLM's
+                                                            ``kv_cache_dtype_skip_layers``: the earlier default)
 ``eviction``               ``NEXUSQUANT_EVICTION``          install the eviction connector with this server default
                                                             (a preset or a rate); empty: not installed
 ``bench_scalar``           ``NEXUSQUANT_BENCH_SCALAR``      ``1``: also serve the ``scalar-*`` baseline dtypes
@@ -54,7 +56,7 @@ class NexusQuantConfig:
 
     attention: str = "auto"
     protect_layers: str = "2"
-    protect_format: str = "auto"
+    protect_format: str = "e8-k4v4"
     eviction: str = ""
     bench_scalar: bool = False
 

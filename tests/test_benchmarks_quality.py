@@ -27,8 +27,8 @@ def test_bits_count_protected_layers_at_what_they_store():
 
     assert mean("auto") == 16 and mean("fp8") == 8
     assert mean("e8-k3v2@none") == 2.75  # 44 B per token-head of 64 elements, scales included
-    assert mean("e8-k3v2@2") == pytest.approx((4 * 16 + 26 * 2.75) / 30)  # bf16
-    assert mean("e8-k3v2@2@e8-k4v4") == pytest.approx((4 * 4.25 + 26 * 2.75) / 30)
+    assert mean("e8-k3v2@2@auto") == pytest.approx((4 * 16 + 26 * 2.75) / 30)  # bf16
+    assert mean("e8-k3v2@2@e8-k4v4") == pytest.approx((4 * 4.25 + 26 * 2.75) / 30) == mean("e8-k3v2")  # the default
     assert quality_ppl.layer_bits("e8-k3v2@0+29@e8-k4v4")[::29] == [4.25, 4.25]
 
 

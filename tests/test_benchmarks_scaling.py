@@ -11,6 +11,7 @@ def test_bytes_per_token_per_rank_follow_the_model_and_the_slot_layout():
     assert kv_bytes_per_token_per_rank(model, dep, "fp8") == 80 * 128 * 2
     assert kv_bytes_per_token_per_rank(model, dep, "e8-k3v2") == 80 * (16 * 3 + 16 * 2 + 4)
     assert kv_bytes_per_token_per_rank(model, dep, "e8-k3v2", protected=4) == 76 * 84 + 4 * 512
+    assert kv_bytes_per_token_per_rank(model, dep, "e8-k3v2", 4, "e8-k4v4") == 76 * 84 + 4 * (2 * 64 + 2 * 2)
     assert kv_bytes_per_token_per_rank(model, Deployment(tp=16), "bf16") == 80 * 128 * 2 * 2  # heads replicated
 
 

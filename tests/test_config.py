@@ -6,7 +6,7 @@ from nexusquant_vllm.config import NexusQuantConfig
 
 
 def test_defaults_and_environment():
-    assert NexusQuantConfig.from_env({}) == NexusQuantConfig("auto", "2", "auto", "", False)
+    assert NexusQuantConfig.from_env({}) == NexusQuantConfig("auto", "2", "e8-k4v4", "", False)
     config = NexusQuantConfig.from_env({"NEXUSQUANT_ATTENTION": "torch", "NEXUSQUANT_PROTECT_LAYERS": "none",
                                         "NEXUSQUANT_PROTECT_FORMAT": "e8-k4v4", "NEXUSQUANT_EVICTION": "balanced",
                                         "NEXUSQUANT_BENCH_SCALAR": "1"})
@@ -29,7 +29,7 @@ def test_a_bad_environment_value_names_its_variable(env, message):
 def test_additional_config_overrides_the_environment():
     env = NexusQuantConfig.from_env({"NEXUSQUANT_ATTENTION": "torch", "NEXUSQUANT_PROTECT_LAYERS": "3"})
     merged = env.merged({"protect_layers": 15, "eviction": 0.35})
-    assert merged == NexusQuantConfig("torch", "15", "auto", "0.35", False)
+    assert merged == NexusQuantConfig("torch", "15", "e8-k4v4", "0.35", False)
     assert merged.merged(merged.to_dict()) == merged  # what the workers read back from vLLM's config
     with pytest.raises(ValueError, match="unknown additional_config.nexusquant keys \\['atention'\\]"):
         env.merged({"atention": "torch"})

@@ -4,8 +4,10 @@ Two kinds of layer, one backend (one block table, so eviction holes can be maske
 
 * **E8 layers** (``kv_cache_dtype`` = ``e8-*``): pages are packed uint8, ``[num_blocks, H_kv, block_size, slot]`` with
   the codec's slot of ``fmt.slot_bytes`` bytes per token-head (declared through ``customize_spec``; no padding).
-* **Protected boundary layers** (``kv_cache_dtype`` = ``auto`` through ``kv_cache_dtype_skip_layers``): pages stay in
-  the model dtype, ``[num_blocks, H_kv, block_size, 2*head_dim]`` with one token-head's ``[K | V]`` per row.
+  Protected boundary layers in an e8 ``protect_format`` (the default) are E8 layers of that dtype.
+* **Layers in the model dtype** (``kv_cache_dtype`` = ``auto`` through ``kv_cache_dtype_skip_layers``: protected
+  layers under ``protect_format`` ``auto``): pages stay in the model dtype, ``[num_blocks, H_kv, block_size,
+  2*head_dim]`` with one token-head's ``[K | V]`` per row.
 
 The work is done by an attention path (``nexusquant_vllm.attention``: torch, native CPU or Triton), chosen once
 per layer when its ``Impl`` is built (``attention.choose_path``) and once per KV-cache group by the metadata builder,

@@ -6,9 +6,10 @@ environment when the engine config is built, and written back into ``additional_
 process reads it from there (:func:`run_config`).
 
 Protected boundary layers (still served by the nexusquant backend): ``protect_layers`` of the configuration
-(``NEXUSQUANT_PROTECT_LAYERS``; default the first 2 and the last 2 layers) store ``protect_format``: the model dtype
-(``auto``, through vLLM's ``kv_cache_dtype_skip_layers``) or an e8 dtype with more bits (given to those layers by
-``compat.wrap_attention_init``). Layers in vLLM's own ``--kv-cache-dtype-skip-layers`` always keep the model dtype.
+(``NEXUSQUANT_PROTECT_LAYERS``; default the first 2 and the last 2 layers) store ``protect_format``: an e8 dtype with
+more bits (default e8-k4v4; given to those layers by ``compat.wrap_attention_init``) or the model dtype (``auto``,
+through vLLM's ``kv_cache_dtype_skip_layers``). Layers in vLLM's own ``--kv-cache-dtype-skip-layers`` always keep
+the model dtype.
 """
 
 from __future__ import annotations
