@@ -153,7 +153,7 @@ def stream_sizes(blocks, lay) -> list[dict]:
         for name in TRANSFORMS:
             if not applies(name, stream):
                 continue
-            data = [forward_transform(name, stream, s[stream]) for s in streams]
+            data = [forward_transform(name, stream, s[stream], lay) for s in streams]
             zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
             half = len(data) // 2
             trained = zstandard.train_dictionary(16384, data[:half] * 4) if half >= 2 else None

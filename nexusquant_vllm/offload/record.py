@@ -4,8 +4,8 @@ transformed and zstd-compressed.
 A block's pages (one ``[H_kv, block_size, row_bytes]`` uint8 array per layer, in layer order) are split into three
 streams that compress differently:
 
-* ``codes``: the packed E8 indices of every E8 layer (the first ``code_bytes`` of each slot, ``[layer-heads,
-  block_size, code_bytes]``);
+* ``codes``: the packed E8 indices of every E8 layer (the first ``code_bytes`` of each slot: each layer's
+  ``[heads, block_size, code_bytes]`` in turn; layers of different E8 dtypes have different ``code_bytes``);
 * ``scales``: their fp16 scales (the slot's last 4 bytes: K scale, V scale);
 * ``dense``: the protected layers' pages, raw model-dtype ``[K | V]`` rows (2-byte elements).
 
@@ -100,18 +100,18 @@ def namespace(*parts: object) -> bytes:
 
 
 def split_streams(pages: list[np.ndarray], layout: BlockLayout) -> dict[str, np.ndarray]:
-    """Per-layer uint8 pages -> the three streams: ``codes`` ``[n, block_size, code_bytes]`` uint8 and ``scales``
-    ``[n, block_size, 2]`` uint16 over the n E8 layer-heads (tokens on axis 1, so deltas run along tokens), ``dense``
-    1-D uint8."""
+    """Per-layer uint8 pages -> the three streams: ``codes`` 1-D uint8 (each E8 layer's ``[heads, block_size,
+    code_bytes]`` in turn), ``scales`` ``[n, block_size, 2]`` uint16 over the n E8 layer-heads (tokens on axis 1, so
+    deltas run along tokens), ``dense`` 1-D uint8."""
     codes, scales, dense = [], [], []
     for page, layer in zip(pages, layout.layers, strict=True):
         if layer.is_codec:
-            codes.append(page[..., : layer.code_bytes].reshape(-1, layer.block_size, layer.code_bytes))
+            codes.append(page[..., : layer.code_bytes].reshape(-1))
             scales.append(np.ascontiguousarray(page[..., layer.code_bytes :]).view(np.uint16).reshape(-1, layer.block_size, 2))
         else:
             dense.append(page.reshape(-1))
     return {
-        "codes": np.concatenate(codes) if codes else np.zeros((0, 1, 1), np.uint8),
+        "codes": np.concatenate(codes) if codes else np.zeros(0, np.uint8),
         "scales": np.concatenate(scales) if scales else np.zeros((0, 1, 2), np.uint16),
         "dense": np.concatenate(dense) if dense else np.zeros(0, np.uint8),
     }
@@ -123,11 +123,12 @@ def join_streams(streams: dict[str, np.ndarray], layout: BlockLayout) -> list[np
     for layer in layout.layers:
         if layer.is_codec:
             page = np.empty((layer.heads, layer.block_size, layer.row_bytes), np.uint8)
-            page[..., : layer.code_bytes] = streams["codes"][code_at : code_at + layer.heads]
+            size = layer.heads * layer.block_size * layer.code_bytes
+            page[..., : layer.code_bytes] = streams["codes"][code_at : code_at + size].reshape(page[..., : layer.code_bytes].shape)
             page[..., layer.code_bytes :] = (
                 streams["scales"][scale_at : scale_at + layer.heads].view(np.uint8).reshape(layer.heads, layer.block_size, -1)
             )
-            code_at, scale_at = code_at + layer.heads, scale_at + layer.heads
+            code_at, scale_at = code_at + size, scale_at + layer.heads
         else:
             page = streams["dense"][dense_at : dense_at + layer.nbytes].reshape(layer.heads, layer.block_size, layer.row_bytes)
             dense_at += layer.nbytes
@@ -138,7 +139,17 @@ def join_streams(streams: dict[str, np.ndarray], layout: BlockLayout) -> list[np
 # ---- transforms (exactly invertible) --------------------------------------------------------------------------------
 
 
-def forward_transform(name: str, stream: str, data: np.ndarray) -> bytes:
+def _code_views(codes: np.ndarray, layout: BlockLayout) -> list[np.ndarray]:
+    """Each E8 layer's part of the 1-D ``codes`` stream as a ``[heads, block_size, code_bytes]`` view."""
+    views, at = [], 0
+    for layer in (layer for layer in layout.layers if layer.is_codec):
+        size = layer.heads * layer.block_size * layer.code_bytes
+        views.append(codes[at : at + size].reshape(layer.heads, layer.block_size, layer.code_bytes))
+        at += size
+    return views
+
+
+def forward_transform(name: str, stream: str, data: np.ndarray, layout: BlockLayout) -> bytes:
     """``planes``: 2-byte elements split into a low-byte and a high-byte plane (a bf16/fp16 high byte is sign and
     exponent: it repeats). ``delta_planes`` (scales): each fp16 scale's bit pattern minus the previous token's, mod
     2**16, then planes. ``xor_tokens`` (codes): each token's code bytes XOR the previous token's of the same
@@ -150,7 +161,8 @@ def forward_transform(name: str, stream: str, data: np.ndarray) -> bytes:
             data[:, 1:] -= data[:, :-1].copy()
             name = "planes"
         else:
-            data[:, 1:] ^= data[:, :-1].copy()
+            for codes in _code_views(data, layout):
+                codes[:, 1:] ^= codes[:, :-1].copy()
             name = "raw"
     flat = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
     if name == "planes":
@@ -173,8 +185,11 @@ def inverse_transform(name: str, stream: str, raw: bytes, layout: BlockLayout) -
         raise RecordError(f"{stream}: the layout has no E8 layer")
     try:
         if stream == "codes":
-            codes = flat.reshape(-1, codec.block_size, codec.code_bytes).copy()
-            return np.bitwise_xor.accumulate(codes, axis=1) if name == "xor_tokens" else codes
+            codes = flat.copy()
+            if name == "xor_tokens":
+                for view in _code_views(codes, layout):
+                    np.bitwise_xor.accumulate(view, axis=1, out=view)
+            return codes
         scales = flat.view(np.uint16).reshape(-1, codec.block_size, 2).copy()
     except ValueError as e:
         raise RecordError(f"{stream}: {e}") from None
@@ -219,7 +234,7 @@ class RecordCodec:
         table, payloads = [], []
         transforms = dict(self.transforms)
         for kind, (stream, name) in enumerate((s, transforms[s]) for s in STREAMS):
-            raw = forward_transform(name, stream, streams[stream])
+            raw = forward_transform(name, stream, streams[stream], self.layout)
             packed = compressor.compress(raw) if raw else b""
             compressed = len(packed) < len(raw)
             payload = packed if compressed else raw

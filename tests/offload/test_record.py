@@ -18,6 +18,9 @@ from nexusquant_vllm.offload.record import (
 )
 
 LAYOUT = BlockLayout((LayerPages(2, 16, 44, 40), LayerPages(2, 16, 256), LayerPages(2, 16, 44, 40)))
+# protected layers in e8-k4v4 (64 code bytes) beside e8-k3v2 ones (40), and one in bf16
+MIXED = BlockLayout((LayerPages(2, 16, 68, 64), LayerPages(2, 16, 44, 40), LayerPages(2, 16, 256),
+                     LayerPages(2, 16, 68, 64)))
 KEY = bytes(range(32))
 
 
@@ -46,10 +49,12 @@ def _codec(**kw) -> RecordCodec:
     list(itertools.product(["raw", "planes", "xor_tokens"], ["raw", "planes", "delta_planes"], ["raw", "planes"])),
 )
 def test_every_transform_round_trips_exactly(codes, scales, dense):
-    codec = _codec(transforms=(("codes", codes), ("scales", scales), ("dense", dense)))
-    pages = _pages(1)
-    out = codec.decode(KEY, codec.encode(KEY, pages))
-    assert all(np.array_equal(a, b) for a, b in zip(pages, out, strict=True))
+    transforms = (("codes", codes), ("scales", scales), ("dense", dense))
+    for layout in (LAYOUT, MIXED):
+        codec = RecordCodec(namespace("model", "e8-k3v2"), layout, transforms=transforms)
+        pages = _pages(1, layout)
+        out = codec.decode(KEY, codec.encode(KEY, pages))
+        assert all(np.array_equal(a, b) for a, b in zip(pages, out, strict=True))
 
 
 def test_default_transforms_compress_scales_and_dense_rows():
