@@ -101,7 +101,9 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from benchmarks.common import parse_serve_config, passkey_prompts, smollm2_path
+    from nexusquant_vllm.config import default_vllm_cpu_kv_space
 
+    default_vllm_cpu_kv_space(2)  # GiB; vLLM's CPU default reserves most of the machine's memory
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="DTYPE[@PROTECT[@FORMAT]], comma-separated")
     p.add_argument("--lengths", default="1024,2048,4096", help="prompt tokens")

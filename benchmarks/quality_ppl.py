@@ -85,21 +85,20 @@ def plot(rows: list[dict], path) -> None:
 
     fig, (ax, by_offset) = plt.subplots(1, 2, figsize=(14, 5))
     for i, r in enumerate(r for r in rows if not r.get("error")):
-        color = ("C3" if r["config"] == "auto" else "C0" if r["config"].startswith("e8") else
-                 "C1" if r["config"].startswith("scalar") else "C2")
+        color, marker = f"C{i % 10}", "os^Dv"[i // 10 % 5]
         y = 100 * r["delta_ppl"]
         err = [[y - 100 * r["ci_low"]], [100 * r["ci_high"] - y]]
-        ax.errorbar(r["capacity_ratio"], y, yerr=err, fmt="o", color=color, capsize=3)
-        ax.annotate(r["config"], (r["capacity_ratio"], y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.errorbar(r["capacity_ratio"], y, yerr=err, fmt=marker, color=color, capsize=3,
+                    label=f"{r['config']} ({r['capacity_ratio']:.2f}x, {y:+.2f}%)")
         if r["config"] != "auto":
             curve = np.asarray(r["dnll_by_offset"])
             bins = curve[: len(curve) // 8 * 8].reshape(-1, 8).mean(1)  # 8 positions per point
-            by_offset.plot(np.arange(len(bins)) * 8 + 3.5, bins, label=r["config"], color=f"C{i % 10}")
+            by_offset.plot(np.arange(len(bins)) * 8 + 3.5, bins, label=r["config"], color=color)
     ax.axhline(0, color="gray", lw=0.8)
     ax.set_xlabel("KV capacity vs auto (vLLM's blocks x block size in the same KV space)")
     ax.set_ylabel("ΔPPL vs auto (%), 95% bootstrap CI")
-    ax.set_title("SmolLM2-135M on vLLM (CPU), chunked prefill 256: e8 (blue), scalar (orange), fp8 (green), auto (red);"
-                 " DTYPE@PROTECT@FORMAT", fontsize=8)
+    ax.set_title("SmolLM2-135M on vLLM (CPU), chunked prefill 256; configurations DTYPE@PROTECT@FORMAT", fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
     by_offset.axhline(0, color="gray", lw=0.8)
     by_offset.set_xlabel("position within the prefill chunk (0: its nearest neighbours were all read from the cache)")
     by_offset.set_ylabel("mean ΔNLL vs auto (nats per token, 8 positions per point)")
