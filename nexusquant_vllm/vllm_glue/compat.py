@@ -321,11 +321,15 @@ def block_hashes(token_ids: list[int], block_size: int, algo: str = "sha256") ->
     return hashes
 
 
-def layer_index(prefix: str) -> int:
-    """The layer index in an attention layer's name, as vLLM reads it for ``kv_cache_dtype_skip_layers``."""
+def layer_index(prefix: str) -> int | None:
+    """The layer index in an attention layer's name, as vLLM reads it for ``kv_cache_dtype_skip_layers``; None for a
+    name without exactly one index."""
     from vllm.model_executor.models.utils import extract_layer_index
 
-    return extract_layer_index(prefix)
+    try:
+        return extract_layer_index(prefix)
+    except (AssertionError, ValueError):
+        return None
 
 
 def attention_layers(vllm_config) -> dict:

@@ -112,19 +112,18 @@ def after_engine_config(engine_args, vllm_config) -> None:
 
 def protected_layer_dtype(prefix: str, cache_config) -> str | None:
     """The e8 ``protect_format`` for a protected layer of an e8 run (``compat.wrap_attention_init``); None for every
-    other layer, for ``protect_format`` ``auto`` (vLLM's skip list does it) and for runs without an e8 dtype."""
-    if not is_served(cache_config.cache_dtype):
-        return None
+    other layer (and for one whose name holds no single layer index), for ``protect_format`` ``auto`` (vLLM's skip
+    list does it) and for runs without an e8 dtype."""
     from vllm.config import get_current_vllm_config_or_none
 
     from nexusquant_vllm.vllm_glue.compat import layer_index
 
     vllm_config = get_current_vllm_config_or_none()
-    config = run_config(vllm_config)
-    if config.protect_format == "auto" or vllm_config is None:
+    if vllm_config is None or not is_served(cache_config.cache_dtype):
         return None
-    protected = parse_protect_layers(config.protect_layers, vllm_config.model_config.hf_text_config.num_hidden_layers)
-    return config.protect_format if layer_index(prefix) in protected else None
+    dtypes, index = layer_dtypes(vllm_config), layer_index(prefix)
+    dtype = dtypes[index] if index is not None and index < len(dtypes) else None
+    return dtype if dtype not in (None, "auto", cache_config.cache_dtype) else None
 
 
 def layer_dtypes(vllm_config) -> list[str]:
