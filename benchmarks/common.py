@@ -18,7 +18,7 @@ from nexusquant_vllm.model_store import smollm2_path
 
 __all__ = [
     "QKV", "RESULTS_DIR", "capture_qkv", "corpus_token_chunks", "load_corpus_text", "paired_delta",
-    "parse_serve_config", "passkey_prompts", "shutdown_llm", "smollm2_path", "write_results",
+    "kv_capacity_tokens", "parse_serve_config", "passkey_prompts", "shutdown_llm", "smollm2_path", "write_results",
 ]
 
 # The eviction benchmarks (eviction.py, eviction_capacity.py): vLLM block size, eviction rates, and the plugin
@@ -129,6 +129,12 @@ def passkey_prompts(tokenizer, n_trials: int, prompt_tokens: int, seed: int) -> 
         body = " ".join(filler[:cut]) + needle + " " + " ".join(filler[cut:])
         out.append((f"{body}\nQuestion: what is the passkey? Answer: The passkey is", key, depth))
     return out
+
+
+def kv_capacity_tokens(llm) -> int:
+    """vLLM's KV-cache token capacity for this engine (blocks x block size)."""
+    cache = llm.llm_engine.vllm_config.cache_config
+    return cache.num_gpu_blocks * cache.block_size
 
 
 def parse_serve_config(item: str) -> tuple[str, dict]:

@@ -24,12 +24,12 @@ def recall(model: str, config: str, trials_by_len: dict[int, list], model_dtype:
     """Hits per length (in prompt order), vLLM's capacity in tokens and the wall time, for one configuration."""
     from vllm import LLM, SamplingParams
 
-    from benchmarks.common import parse_serve_config, shutdown_llm
+    from benchmarks.common import kv_capacity_tokens, parse_serve_config, shutdown_llm
 
     dtype, own = parse_serve_config(config)
     llm = LLM(model=model, kv_cache_dtype=dtype, dtype=model_dtype, max_model_len=max(trials_by_len) + 64,
               enforce_eager=True, seed=0, additional_config={"nexusquant": own} if own else {})
-    cache = llm.llm_engine.vllm_config.cache_config
+    capacity = kv_capacity_tokens(llm)
     params = SamplingParams(temperature=0, max_tokens=8)
     t0 = time.time()
     hits = {}
@@ -38,7 +38,7 @@ def recall(model: str, config: str, trials_by_len: dict[int, list], model_dtype:
         hits[length] = [key in out.outputs[0].text for out, (_, key, _) in zip(outs, trials)]
     wall = time.time() - t0
     shutdown_llm(llm)
-    return {"hits": hits, "capacity": cache.num_gpu_blocks * cache.block_size, "wall_s": wall}
+    return {"hits": hits, "capacity": capacity, "wall_s": wall}
 
 
 def rows_for(configs: list[str], runs: dict, trials_by_len: dict[int, list]) -> list[dict]:

@@ -32,7 +32,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.common import paired_delta, parse_serve_config, shutdown_llm
+from benchmarks.common import kv_capacity_tokens, paired_delta, parse_serve_config, shutdown_llm
 
 
 DEFAULT_DTYPES = ["auto", "e8-k3v2", "scalar-k3v2", "e8-k4v4", "fp8", "e8-k2v2", "scalar-k2v2", "e8-k4v2", "e8-k3v3", "scalar-k4v4"]
@@ -63,8 +63,7 @@ def token_nll(model: str, item: str, chunks: list[list[int]], batch_tokens: int)
         max_num_batched_tokens=batch_tokens, enable_chunked_prefill=True, enable_prefix_caching=False,
         max_num_seqs=8, additional_config={"nexusquant": own} if own else {},
     )
-    cache = llm.llm_engine.vllm_config.cache_config
-    capacity = cache.num_gpu_blocks * cache.block_size
+    capacity = kv_capacity_tokens(llm)
     t0 = time.time()
     outs = llm.generate([TokensPrompt(prompt_token_ids=c) for c in chunks],
                         SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
