@@ -13,8 +13,9 @@ The ``tok_*`` variants score tokens, not blocks, and mask the lowest-scoring sin
 window and token count as the block policy), the same tokens in every layer and head. The ``lh_*`` variants choose
 them per layer and per KV head, as many in each (what the product's compaction does,
 ``nexusquant_vllm.eviction.compaction``); ``lh_kvpress_ea_w*`` run the product's expected-attention scores alone,
-``compaction*`` the product's compaction scores (``compaction_w8`` ships; ``lh_mix_nopool`` in
-results/eviction_offline_mix.md is ``compaction``'s earlier name). ``l_*``: per layer, shared by its heads.
+``compaction*`` the product's compaction scores (``compaction_w8``; ``lh_mix_nopool`` in
+results/eviction_offline_mix.md is ``compaction``'s earlier name), ``compaction_w8_guard`` with the product's fact
+guard (``compaction.fact_guard``, what ships). ``l_*``: per layer, shared by its heads.
 
 Reported per variant and rate: ΔPPL vs rate 0 and the paired ΔPPL vs the ``snapkv`` variant (the scorer shipped
 before this study: window 32, avg-pool 5, mean over heads, sum over layers, block = max token), each with a 95%
@@ -30,7 +31,8 @@ every results/ path below is that folder, except the vLLM and kvpress runs it re
 results/eviction_vs_kvpress.{json,md} (or --name): per rate, our ΔPPL minus each press's, paired by chunk, each
 against its own rate-0 run (difference of the two ΔNLLs, bootstrap CI).
 
-``--passkey-trials N`` replays benchmarks/eviction.py's N passkey prompts instead: recall per variant and rate.
+``--passkey-trials N`` replays benchmarks/eviction.py's N passkey prompts instead: recall per variant and rate
+(``--facts KIND[:N]``: ``benchmarks.facts`` prompts, N facts each, asked one at a time).
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ from benchmarks.common import RESULTS_DIR, write_results
 
 from nexusquant_vllm.eviction import EvictionPolicy, WindowAttentionScorer, blocks_to_free, heads_for_rate
 from nexusquant_vllm.eviction.expected import WINDOW as EXPECTED_WINDOW
-from nexusquant_vllm.eviction.compaction import RUN, compaction_scores, run_max
+from nexusquant_vllm.eviction.collector import FOCUS
+from nexusquant_vllm.eviction.compaction import RUN, compaction_scores, fact_guard, run_max
 from nexusquant_vllm.eviction.expected import Rope, expected_scores
 from nexusquant_vllm.eviction.scorers import pool_positions, window_attention
 
@@ -383,6 +386,33 @@ LAYER_HEAD_VARIANTS: dict[str, Callable[[Prefill], torch.Tensor]] = {
 VARIANTS.update(LAYER_HEAD_VARIANTS)
 
 
+def guard_scores(pre: Prefill) -> torch.Tensor:
+    """[P]: the product's fact-guard scores (``collector.FOCUS``): per layer, the most any query head's last FOCUS
+    queries attend a token beyond that head's 32-query window mean, summed over layers."""
+    focus, window = per_head(pre, FOCUS), per_head(pre, WindowAttentionScorer().window)
+    return (focus - window).clamp(min=0).amax(1).sum(0)
+
+
+# variant -> the variant whose scores it guards with ``compaction.fact_guard`` (what the product ships as
+# ``compaction_w8_guard``: every layer and KV head keeps the guarded runs, its own best tokens for the rest)
+GUARDED_VARIANTS = {"compaction_w8_guard": "compaction_w8"}
+VARIANTS.update({name: VARIANTS[base] for name, base in GUARDED_VARIANTS.items()})
+LAYER_HEAD_VARIANTS.update({name: VARIANTS[base] for name, base in GUARDED_VARIANTS.items()})
+
+
+def guarded(scores: torch.Tensor, facts: torch.Tensor, rate: float) -> torch.Tensor:
+    """``scores`` [L, Hk, P] with the fact guard's tokens at +inf, for the budget ``evicted_tokens_mask`` keeps at
+    ``rate``."""
+    policy = EvictionPolicy(rate=rate, min_prompt_tokens=0)
+    tokens = scores.shape[-1]
+    eligible = torch.arange(policy.sink_blocks * BLOCK, tokens - policy.recent_tokens)
+    evicted = len(blocks_to_free(torch.zeros(tokens), BLOCK, policy)) * BLOCK
+    guard = fact_guard(facts, eligible, eligible.numel() - evicted)
+    out = scores.clone()
+    out[..., eligible[guard]] = float("inf")
+    return out
+
+
 def evicted_mask(block_scores: torch.Tensor, tokens: int, rate: float) -> torch.Tensor:
     """Prefix positions freed by the shipped policy (``blocks_to_free``, defaults) for these block scores."""
     token_scores = torch.zeros(tokens)
@@ -453,9 +483,13 @@ def variant_masks(pre: Prefill, variants: list[str], rates: list[float]) -> tupl
         with torch.inference_mode():
             scores = VARIANTS[name](pre)
         per_token = name in TOKEN_VARIANTS or name in LAYER_HEAD_VARIANTS
+        facts = guard_scores(pre) if name in GUARDED_VARIANTS else None
         for rate in rates:
             keys.append(key_of(pre.tokens, rate, name))
-            mask = evicted_tokens_mask(scores, rate) if per_token else evicted_mask(scores, pre.tokens, rate)
+            if facts is not None:
+                mask = evicted_tokens_mask(guarded(scores, facts, rate), rate)
+            else:
+                mask = evicted_tokens_mask(scores, rate) if per_token else evicted_mask(scores, pre.tokens, rate)
             masks.append(mask.expand(shape))
     return keys, masks
 
@@ -480,12 +514,19 @@ def passkey(args: argparse.Namespace) -> dict:
 
     from benchmarks.common import smollm2_path
     from benchmarks.common import passkey_prompts
+    from benchmarks.facts import fact_prompts
 
     path = str(smollm2_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = load_model(path)
     hits: dict[str, list[bool]] = {}
-    for prompt, key, _ in tqdm(passkey_prompts(tokenizer, args.passkey_trials, args.passkey_tokens, args.seed)):
+    if args.facts:
+        kind, facts = args.facts.split(":") if ":" in args.facts else (args.facts, "1")
+        trials = [(f.prompt, f.answers[0], f.depths[0]) for f in
+                  fact_prompts(tokenizer, args.passkey_trials, args.passkey_tokens, args.seed, kind, int(facts))]
+    else:
+        trials = passkey_prompts(tokenizer, args.passkey_trials, args.passkey_tokens, args.seed)
+    for prompt, key, _ in tqdm(trials):
         prompt_ids = tokenizer(prompt).input_ids
         ids = torch.tensor([prompt_ids + tokenizer(" " + key, add_special_tokens=False).input_ids])
         pre = prefill(model, ids, len(prompt_ids))
@@ -676,6 +717,8 @@ def main() -> None:
     parser.add_argument("--passkey-trials", type=int, default=0,
                         help="N > 0: passkey recall of benchmarks/eviction.py's N prompts instead of perplexity")
     parser.add_argument("--passkey-tokens", type=int, default=768)
+    parser.add_argument("--facts", metavar="KIND[:N]", help="with --passkey-trials: benchmarks.facts prompts of "
+                        "this kind (number, code, name), N facts each, asked one at a time, instead of passkeys")
     args = parser.parse_args()
     if args.vs_kvpress:
         compare(args.vs_kvpress, VS_KVPRESS if args.name == NAME else args.name)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 
 RUN = 8  # tokens of the window-attention term kept or dropped together (see compaction_scores)
+GUARD_SHARE = 0.125  # of the kept tokens: every layer and head keeps the runs the prompt's end attends most
+GUARD_REACH = (2, 12)  # tokens before and after a strongly attended token that the guard keeps with it
 
 
 def compaction_scores(expected: torch.Tensor, window_attention: torch.Tensor, run: int = RUN) -> torch.Tensor:
@@ -43,26 +45,60 @@ def run_max(scores: torch.Tensor, run: int) -> torch.Tensor:
     return padded.view(*scores.shape[:-1], -1, run).amax(-1).repeat_interleave(run, dim=-1)[..., :tokens]
 
 
+def span_positions(span: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Token positions of the logical blocks ``span``, in order."""
+    return (span[:, None] * block_size + torch.arange(block_size, device=span.device)).flatten()
+
+
+def fact_guard(fact_scores: torch.Tensor, positions: torch.Tensor, keep: int, share: float = GUARD_SHARE,
+               reach: tuple[int, int] = GUARD_REACH) -> torch.Tensor:
+    """Bool ``[len(positions)]``: the span positions that every layer and KV head keeps.
+
+    ``fact_scores`` ``[P]`` is, summed over layers, the attention the prompt's last queries pay each token in the
+    head that attends it most (:class:`nexusquant_vllm.eviction.collector.ScoreCollector`). A fact the question
+    asks about (a number, a code, a name) is several tokens, and a head's own scores can rank one of them below its
+    budget: the model then answers with a digit missing (measured through vLLM on e8 caches, ``benchmarks/needle.py``).
+    The question's queries find a fact by its context (the key before the value: "the number of Lisbon is"), so
+    each token takes the maximum score of the ``reach[0]`` tokens after it and the ``reach[1]`` before it: the run
+    from just before a strongly attended token to well after it is kept whole. The best ``share`` of the kept tokens
+    is guaranteed in every layer and head.
+    """
+    count = min(int(share * keep), positions.numel())
+    if count == 0:
+        return torch.zeros(positions.shape, dtype=torch.bool, device=positions.device)
+    before, after = reach
+    padded = torch.nn.functional.pad(fact_scores.float(), (after, before))
+    pooled = padded.unfold(0, before + after + 1, 1).amax(-1)
+    guard = torch.zeros(positions.shape, dtype=torch.bool, device=positions.device)
+    guard[pooled[positions.to(pooled.device)].topk(count).indices.to(guard.device)] = True
+    return guard
+
+
 def compact_blocks(
     kv_cache: torch.Tensor,
     scores: torch.Tensor,
     block_ids: torch.Tensor,
     span: torch.Tensor,
     targets: torch.Tensor,
+    guard: torch.Tensor | None = None,
 ) -> None:
     """Rewrite the ``targets`` blocks of one layer's ``kv_cache`` in place.
 
     ``kv_cache`` ``[num_blocks, Hk, block_size, width]`` (any dtype: E8 rows carry their own scales); ``scores``
     ``[Hk, >= positions of span]`` per KV head; ``block_ids`` ``[logical blocks]`` the request's physical blocks;
-    ``span`` and ``targets`` logical block indices, ``targets`` a subset of ``span``. Reads every source row before
-    writing (sources and targets overlap).
+    ``span`` and ``targets`` logical block indices, ``targets`` a subset of ``span``; ``guard`` (bool, one per
+    token of the span, at most as many set as the targets hold) the tokens every head keeps (:func:`fact_guard`).
+    Reads every source row before writing (sources and targets overlap).
     """
     num_kv_heads, block_size, width = kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[3]
     if targets.numel() == 0:
         return
-    positions = (span[:, None] * block_size + torch.arange(block_size, device=span.device)).flatten()
+    positions = span_positions(span, block_size)
     keep = targets.numel() * block_size
-    chosen = scores[:, positions].topk(keep, dim=-1).indices.sort(-1).values  # [Hk, keep] rows of the span
+    span_scores = scores[:, positions.to(scores.device)]
+    if guard is not None:
+        span_scores = span_scores.masked_fill(guard.to(span_scores.device), float("inf"))
+    chosen = span_scores.topk(keep, dim=-1).indices.sort(-1).values  # [Hk, keep] rows of the span
     rows = kv_cache[block_ids[span]].transpose(0, 1).flatten(1, 2)  # [Hk, span tokens, width]
     kept = rows.gather(1, chosen[..., None].expand(-1, -1, width).to(rows.device))
     kv_cache[block_ids[targets]] = kept.view(num_kv_heads, targets.numel(), block_size, width).transpose(0, 1)

@@ -90,10 +90,14 @@ KeyChunks = Callable[[], Iterator[tuple[int, torch.Tensor]]]  # () -> (start, ke
 
 
 def streamed_window_attention(queries: torch.Tensor, first_position: int, key_chunks: KeyChunks,
-                              softmax_scale: float) -> torch.Tensor:
+                              softmax_scale: float,
+                              reduce: Callable[[torch.Tensor], torch.Tensor] = lambda probs: probs.mean(1)
+                              ) -> torch.Tensor:
     """:func:`window_attention` of the window's ``queries`` ``[Hq, W, D]`` (prompt positions ``first_position``
     onward) over keys that come in chunks, in order from position 0: two passes (the softmax's running max and sum,
-    then the normalized mean), so that nothing of size query heads x prompt x head_dim is ever held."""
+    then the normalized mean), so that nothing of size query heads x prompt x head_dim is ever held. ``reduce``
+    turns each chunk's probabilities ``[Hq, W, C]`` into what is returned, concatenated along the last dimension
+    (default: the mean over the window's queries)."""
     row_max = row_sum = None
     for start, keys in key_chunks():
         logits = _window_logits(queries, first_position, start, keys, softmax_scale)
@@ -102,8 +106,8 @@ def streamed_window_attention(queries: torch.Tensor, first_position: int, key_ch
         mass = (logits - new_max[..., None]).exp().sum(-1)
         row_sum = mass if row_sum is None else row_sum * (row_max - new_max).exp() + mass
         row_max = new_max
-    parts = [((_window_logits(queries, first_position, start, keys, softmax_scale) - row_max[..., None]).exp()
-              / row_sum[..., None]).mean(1) for start, keys in key_chunks()]
+    parts = [reduce((_window_logits(queries, first_position, start, keys, softmax_scale) - row_max[..., None]).exp()
+                    / row_sum[..., None]) for start, keys in key_chunks()]
     return torch.cat(parts, dim=-1)
 
 

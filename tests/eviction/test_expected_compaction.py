@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nexusquant_vllm.eviction.compaction import compact_blocks, compaction_scores, run_max
+from nexusquant_vllm.eviction.compaction import compact_blocks, compaction_scores, fact_guard, run_max
 from nexusquant_vllm.eviction.expected import Rope, expected_attention, expected_scores, query_statistics
 
 
@@ -105,6 +105,40 @@ def test_compact_blocks_keeps_each_heads_best_tokens_in_order() -> None:
         assert torch.equal(got, want)
     untouched = [0, 3, 4, 6, 7, 8, 5]  # other blocks, the sink (7) and the freed one (5) included
     assert torch.equal(cache[untouched], before[untouched])
+
+
+def test_fact_guard_keeps_the_run_from_just_before_a_strong_token_to_well_after_it() -> None:
+    """A fact is found by its context (the key before the value): the run from 2 tokens before the strongest token to
+    12 after it is guarded, limited to the share of the kept tokens and to the span."""
+    scores = torch.full((96,), 0.01)
+    scores[40] = 1.0  # the question's last queries point at the key
+    scores[70] = 0.5
+    positions = torch.arange(32, 96)  # the span: blocks 1 and 2 of 32 tokens
+    guard = fact_guard(scores, positions, keep=120, share=0.125)  # 15 tokens
+    assert positions[guard].tolist() == list(range(38, 53))
+    two = fact_guard(scores, positions, keep=240, share=0.125)  # 30 tokens: both runs
+    assert positions[two].tolist() == list(range(38, 53)) + list(range(68, 83))
+    assert not fact_guard(scores, positions, keep=7, share=0.125).any()  # int(0.875) == 0
+    assert not fact_guard(scores, positions, keep=120, share=0.0).any()
+
+
+def test_compact_blocks_keeps_guarded_tokens_in_every_head() -> None:
+    """Guarded tokens are kept in every head even where that head scores them lowest; the rest of each head's
+    budget still goes to its best tokens."""
+    torch.manual_seed(5)
+    hk, bs = 2, 4
+    cache = torch.arange(6 * hk * bs, dtype=torch.float32).view(6, hk, bs, 1)
+    before = cache.clone()
+    block_ids, span, targets = torch.arange(6), torch.tensor([1, 2, 3]), torch.tensor([2])
+    scores = torch.rand(hk, 6 * bs) + 1
+    scores[:, 5] = 0.0  # a digit both heads would drop
+    guard = torch.zeros(3 * bs, dtype=torch.bool)
+    guard[1] = True  # position 5 is the span's second token
+    compact_blocks(cache, scores, block_ids, span, targets, guard)
+    for h in range(hk):
+        rest = sorted(range(4, 16), key=lambda pos: -scores[h, pos].item())[:3]
+        want = torch.stack([before[pos // bs, h, pos % bs] for pos in sorted([5, *rest])])
+        assert torch.equal(cache[2, h], want)
 
 
 def test_compact_blocks_without_targets_is_a_no_op() -> None:

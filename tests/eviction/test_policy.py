@@ -121,3 +121,12 @@ def test_eligible_blocks_equals_the_per_range_check(seed):
     ranges = tuple((int(s), int(s + n)) for s, n in zip(starts, lengths))
     policy = EvictionPolicy(rate=0.5, recent_tokens=int(seed * 7), sink_blocks=seed % 3, protected=ranges)
     assert eligible_blocks(tokens, block, policy) == _eligible_naive(tokens, block, policy)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, True, "much", None])
+def test_connector_refuses_a_bad_fact_guard_share(value):
+    from nexusquant_vllm.vllm_glue.eviction import params
+
+    assert params.fact_guard({}) == 0.125 and params.fact_guard({"fact_guard": 0}) == 0.0
+    with pytest.raises(ValueError, match="fact_guard must be a number in \\[0, 1\\)"):
+        params.fact_guard({"fact_guard": value})

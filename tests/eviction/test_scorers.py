@@ -6,11 +6,11 @@ import torch
 
 from nexusquant_vllm.eviction import WindowAttentionScorer, heads_for_rate
 from nexusquant_vllm.eviction.scorers import MASS_MAX_MIN_RATE, block_mass_max, window_attention
-from nexusquant_vllm.eviction.compaction import compact_blocks, compaction_scores
+from nexusquant_vllm.eviction.compaction import compact_blocks, compaction_scores, fact_guard, span_positions
 from nexusquant_vllm.eviction.expected import Rope, expected_scores
 from nexusquant_vllm.attention import LayerStep
 from nexusquant_vllm.eviction import collector as collector_module
-from nexusquant_vllm.eviction.collector import ExpectedAttentionHeads, ScoreCollector, ScoredRequest
+from nexusquant_vllm.eviction.collector import FOCUS, ExpectedAttentionHeads, ScoreCollector, ScoredRequest
 
 
 def naive_head_attention(queries, keys, scale, window):
@@ -119,7 +119,7 @@ def test_collector_compacts_each_layer_with_its_own_scores(cached, key_chunk, mo
     collector.plan_step([ScoredRequest("r", token_start=2, num_cached=cached, num_prompt=tokens,
                                        block_ids=list(range(5)), block_size=block_size)])
     window = min(6, tokens - cached)
-    caches, wants, per_layer = [], [], []
+    caches, wants, per_layer, facts = [], [], [], []
     for _ in range(layers):
         queries, keys, values = (torch.randn(h, tokens, d, generator=gen) for h in (4, 2, 2))
         cache = torch.randn(6, 2, block_size, 3, generator=gen)
@@ -127,15 +127,38 @@ def test_collector_compacts_each_layer_with_its_own_scores(cached, key_chunk, mo
         collector.observe(layer_step(q, k, v, keys, values, block_size, cache))
         expected = expected_scores(queries[:, -4:], torch.arange(tokens - 4, tokens), keys, values, 0.3, rope)
         per_layer.append(compaction_scores(expected, window_attention(queries, keys, 0.3, window)))
+        facts.append(window_attention(queries, keys, 0.3, min(FOCUS, window)).amax(0))  # a short window: no contrast
         caches.append(cache)
         wants.append(cache.clone())
     physical, span, targets = torch.tensor([5, 4, 3, 2, 1]), torch.tensor([1, 2, 3]), torch.tensor([1, 3])
+    guard = fact_guard(sum(facts), span_positions(span, block_size), 2 * block_size)
+    assert guard.sum() == 2  # int(0.125 * 16)
     for want, scores in zip(wants, per_layer):
-        compact_blocks(want, scores, physical, span, targets)
+        compact_blocks(want, scores, physical, span, targets, guard)
     collector.compact("r", physical.tolist(), span.tolist(), targets.tolist())
     for cache, want in zip(caches, wants):
         assert torch.allclose(cache, want)
-    assert collector.compactions == {}
+    assert collector.compactions == collector.fact_scores == {}
+
+
+def test_guard_scores_what_the_prompts_last_queries_attend_beyond_the_window():
+    """With a window longer than twice ``FOCUS``, a token's guard score is, per layer, the most any query head's last
+    ``FOCUS`` queries attend it beyond that head's window mean (summed over layers); a request that evicts nothing
+    drops it."""
+    gen = torch.Generator().manual_seed(8)
+    tokens, d = 48, 8
+    collector = ScoreCollector(WindowAttentionScorer(window=16), lambda layer: torch.zeros(2, layer.num_prompt))
+    collector.plan_step([ScoredRequest("r", 0, 0, tokens, [0] * 6, 8)])
+    want = torch.zeros(tokens)
+    for _ in range(2):
+        queries, keys, values = (torch.randn(h, tokens, d, generator=gen) for h in (4, 2, 2))
+        q, k, v = (x.transpose(0, 1) for x in (queries, keys, values))
+        collector.observe(LayerStep(q, k, v, lambda ids: None, 0.3, torch.zeros(6, 2, 8, 3)))
+        focus, window = (window_attention(queries, keys, 0.3, w) for w in (FOCUS, 16))
+        want += (focus - window).clamp(min=0).amax(0)
+    assert torch.allclose(collector.fact_scores["r"], want, atol=1e-6)
+    collector.drop(["r"])
+    assert collector.fact_scores == collector.compactions == {}
 
 
 def test_head_reduction_follows_the_rate():

@@ -168,6 +168,24 @@ def test_generation_coherent_after_35_percent_eviction(engine):
     assert common >= 2, (ref_text, ev_text)  # same start; after that a 135M model may legitimately diverge
 
 
+@pytest.mark.parametrize("rate", [0.35, 0.6])
+def test_a_number_the_question_asks_for_comes_back_whole_after_compaction(engine, rate):
+    """A 7-digit number (one token per digit) hidden in a ~900-token prompt and asked for at its end: after the
+    eviction and the per-head compaction, every layer and head still holds all its digits (the fact guard), and the
+    answer is the number, whole."""
+    llm = engine["llm"]
+    sentences = [FACTS[i % len(FACTS)] for i in range(40)]
+    sentences.insert(13, "The secret number of Velmora is 7312716.")
+    prompt = (" ".join(sentences) + "\nQuestion: what is the secret number of Velmora? Answer: The secret number of "
+              "Velmora is")
+    out = llm.generate([prompt], _sp(rate, max_tokens=10))[0]
+    stats = out.kv_transfer_params["nq_eviction"]
+    print(f"\n[{rate:.0%}: {stats}] {out.outputs[0].text!r}")
+    assert stats["tokens_evicted"] >= (rate - 0.05) * stats["prompt_tokens"], stats
+    assert worker_connector().collector.guard_share == 0.125
+    assert out.outputs[0].text.split(".")[0].strip() == "7312716", out.outputs[0].text
+
+
 def _prom_gauge(name: str) -> float:
     from prometheus_client import REGISTRY
 

@@ -122,7 +122,7 @@ class _RequestState:
 class NQEvictionConnector(KVConnectorBase_V1):
     """See the module docstring. ``kv_connector_extra_config``: ``eviction`` (server default rate or preset,
     default ``lossless``), ``min_prompt_tokens`` (512), ``recent_tokens`` (32), ``window`` (32), ``compaction``
-    (true)."""
+    (true), ``fact_guard`` (0.125)."""
 
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config, role, kv_cache_config)
@@ -145,7 +145,8 @@ class NQEvictionConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.WORKER:
             window = int(extra.get(params.WINDOW_KEY, 32))
             self.collector = ScoreCollector(WindowAttentionScorer(window=window),
-                                            across_ranks=compat.tensor_parallel_reduce)
+                                            across_ranks=compat.tensor_parallel_reduce,
+                                            guard_share=params.fact_guard(extra))
             self._sends_scores: bool | None = None  # the first rank of its tensor-parallel group (set on first use)
             self._rope_looked_up = False
             self._pending_sent = 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from nexusquant_vllm.eviction import EvictionPolicy, parse_rate
+from nexusquant_vllm.eviction.compaction import GUARD_SHARE
 
 EXTRA_ARG = "nq_eviction"
 PROTECT_ARG = "nq_eviction_protect"
@@ -34,7 +35,7 @@ CONNECTOR_NAME = "NQEvictionConnector"
 CONNECTOR_MODULE = "nexusquant_vllm.vllm_glue.eviction.connector"
 # kv_connector_extra_config keys (all optional)
 DEFAULT_KEY, MIN_PROMPT_KEY, RECENT_KEY, WINDOW_KEY = "eviction", "min_prompt_tokens", "recent_tokens", "window"
-COMPACTION_KEY = "compaction"
+COMPACTION_KEY, FACT_GUARD_KEY = "compaction", "fact_guard"
 
 
 def kv_transfer_config(default: object = "lossless", **extra: Any) -> dict:
@@ -149,6 +150,16 @@ def compaction(extra_config: dict) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"kv_connector_extra_config.{COMPACTION_KEY} must be true or false, got {value!r}")
     return value
+
+
+def fact_guard(extra_config: dict) -> float:
+    """``kv_connector_extra_config["fact_guard"]``: the share of a compacted prompt's kept tokens that every layer
+    and KV head keeps for the runs the prompt's end points at (``nexusquant_vllm.eviction.compaction.fact_guard``),
+    in [0, 1); 0 turns the guard off."""
+    value = extra_config.get(FACT_GUARD_KEY, GUARD_SHARE)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"kv_connector_extra_config.{FACT_GUARD_KEY} must be a number in [0, 1), got {value!r}")
+    return float(value)
 
 
 def request_rate(default: EvictionPolicy, extra_args: dict | None) -> float:
