@@ -6,7 +6,9 @@ Prompt kinds: ``passkey`` (a 5-digit key repeated once, ``common.passkey_prompts
 (``FactPrompt.found``). Every configuration (``DTYPE[@PROTECT[@FORMAT]]``, ``common.parse_serve_config``) answers the
 same prompts at every length and eviction rate (set per request), one engine each, with vLLM's own scheduling defaults
 (chunked prefill, so the later chunks of a long prompt read the earlier ones from the cache) and ``enforce_eager``.
-With eviction the engine runs the eviction connector with ``--block-size 32``, as a user turning it on would.
+With eviction the engine runs the eviction connector with ``--block-size 32``, as a user turning it on would, and
+without prefix caching: vLLM keeps the blocks that running requests share, so the questions on one haystack, sent
+together, would evict nothing (and a rate would reuse the blocks of the rate before it).
 
 Reported per configuration, rate, kind and length: recall, and the facts found by only one side against the
 reference (``auto`` for rate 0, the same configuration without eviction otherwise), the fraction of prompt tokens
@@ -47,14 +49,15 @@ def recall(model: str, config: str, prompts: dict, rates: list[float], model_dty
     llm = LLM(model=model, kv_cache_dtype=dtype, dtype=model_dtype, enforce_eager=True, seed=0,
               max_model_len=-(-longest // EVICTION_BLOCK) * EVICTION_BLOCK,
               additional_config={"nexusquant": own} if own else {},
-              **({"block_size": EVICTION_BLOCK,
+              **({"block_size": EVICTION_BLOCK, "enable_prefix_caching": False,
                   "kv_transfer_config": kv_transfer_config("lossless", **(connector or {}))} if evicting else {}))
     capacity = kv_capacity_tokens(llm)
     t0 = time.time()
     found, evicted = {}, {}
+    steps = tqdm(total=len(rates) * len(prompts), desc=config, unit="set", leave=False)
     for rate in rates:
-        llm.reset_prefix_cache()  # each rate computes its prompts anew (a haystack's facts still share its prefix)
         for (kind, length), trials in prompts.items():
+            steps.set_postfix(rate=rate, kind=kind, tokens=length)
             extra = {"nq_eviction": rate} if evicting else None
             params = SamplingParams(temperature=0, max_tokens=answer_tokens(kind), extra_args=extra)
             outs = llm.generate([t.prompt for t in trials], params, use_tqdm=False)
@@ -62,6 +65,8 @@ def recall(model: str, config: str, prompts: dict, rates: list[float], model_dty
             found[key] = [t.found(out.outputs[0].text) for out, t in zip(outs, trials)]
             evicted[key] = sum((out.kv_transfer_params or {}).get("nq_eviction", {}).get("tokens_evicted", 0)
                                / len(out.prompt_token_ids) for out in outs) / len(outs)
+            steps.update()
+    steps.close()
     wall = time.time() - t0
     shutdown_llm(llm)
     return {"found": found, "evicted": evicted, "capacity": capacity, "wall_s": wall}
