@@ -54,8 +54,9 @@ def fact_guard(fact_scores: torch.Tensor, positions: torch.Tensor, keep: int, sh
                reach: tuple[int, int] = GUARD_REACH) -> torch.Tensor:
     """Bool ``[len(positions)]``: the span positions that every layer and KV head keeps.
 
-    ``fact_scores`` ``[P]`` is, summed over layers, the attention the prompt's last queries pay each token in the
-    head that attends it most (:class:`nexusquant_vllm.eviction.collector.ScoreCollector`). A fact the question
+    ``fact_scores`` ``[P]`` is, summed over layers, the attention the prompt's last queries pay each token beyond
+    their window's mean, in the head where that excess is largest
+    (:class:`nexusquant_vllm.eviction.collector.ScoreCollector`). A fact the question
     asks about (a number, a code, a name) is several tokens, and a head's own scores can rank one of them below its
     budget: the model then answers with a digit missing (measured through vLLM on e8 caches, ``benchmarks/needle.py``).
     The question's queries find a fact by its context (the key before the value: "the number of Lisbon is"), so
