@@ -6,7 +6,10 @@
   the codes in place. In a decode-only step over E8 pages the kernel also applies the codec's rotation to q and
   the new K/V and its inverse to the output, sparing three small torch matmuls per layer (each wakes torch's
   thread pool, which costs more than the attention itself on a small CPU).
-* **Prefill rows** (first and continuation chunks): ``paged.attend``, as the torch path.
+* **Prefill rows** (first and continuation chunks): torch's fused CPU flash attention, request by request: the
+  chunk's queries over the cached context read from the pages (E8 pages dequantized once per chunk, holes and the
+  stale tail of the last block dropped), and causally over the chunk's own raw K/V; the two partial softmaxes are
+  merged by their log-sum-exp. Measured 1.5-2.5x faster than ``paged.attend``'s matmuls on 512-2048-token chunks.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import ClassVar
 import torch
 
 from nexusquant_vllm import native
-from nexusquant_vllm.attention.paged import RequestGroup
+from nexusquant_vllm.attention.paged import PageReader, RequestGroup
 from nexusquant_vllm.attention.torch_path import TorchPath
 
 
@@ -40,7 +43,11 @@ class NativeCpuPath(TorchPath):
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 groups: list[RequestGroup], out: torch.Tensor) -> None:
         rest = self._decode_rows(query, key, value, kv_cache, groups, out, rotate=False)
-        super()._attend(query, key, value, kv_cache, rest, out)
+        if key is None:
+            super()._attend(query, key, value, kv_cache, rest, out)
+            return
+        for grp in rest:
+            prefill_rows(query, key, value, grp, self.pages.reader(kv_cache), self.scale, out)
 
     def _decode_rows(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                      groups: list[RequestGroup], out: torch.Tensor, rotate: bool) -> list[RequestGroup]:
@@ -58,3 +65,63 @@ class NativeCpuPath(TorchPath):
 
 def _is_decode(group: RequestGroup) -> bool:
     return group.token_idx.shape[1] == 1
+
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def prefill_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grp: RequestGroup,
+                 read_pages: PageReader, scale: float, out: torch.Tensor) -> None:
+    """``paged.attend`` for one group of prefill rows (same arguments, ``key``/``value`` given), one request at a
+    time through torch's CPU flash-attention kernel, float32."""
+    for r, q_len in enumerate(grp.token_valid.sum(1).tolist()):
+        rows = grp.token_idx[r, :q_len]
+        context = _context(grp, r, read_pages) if grp.num_ctx_blocks else None
+        o, lse = _causal(query[rows].float(), key[rows].float(), value[rows].float(), scale)
+        if context is not None:
+            o, lse = _merge(o, lse, *_over_context(query[rows].float(), *context, scale))
+        out[rows] = o.to(out.dtype)
+
+
+def _context(grp: RequestGroup, r: int, read_pages: PageReader) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Request ``r``'s cached K and V ``[Hk, L, D]`` (float32), only the positions it attends: the blocks in use, less
+    the positions past its context in the last one. None when there are none."""
+    used = grp.block_used[r]
+    if not bool(used.any()):
+        return None
+    k, v = read_pages(grp.block_ids[r][used])  # [Hk, n, bs, D]
+    num_kv_heads, n, block_size, head_dim = k.shape
+    k, v = k.reshape(num_kv_heads, n * block_size, head_dim), v.reshape(num_kv_heads, n * block_size, head_dim)
+    keep = grp.mask[r, 0, 0, : grp.num_ctx_blocks * block_size].view(-1, block_size)[used].flatten()
+    if not bool(keep.all()):
+        k, v = k[:, keep], v[:, keep]
+    return k.float(), v.float()
+
+
+def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q`` ``[Q, Hq, D]`` over this chunk's raw ``k``/``v`` ``[Q, Hk, D]``, causally -> (``[Q, Hq, D]``, log-sum-exp
+    ``[Q, Hq]``)."""
+    g = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(g, dim=1).transpose(0, 1)[None] for t in (k, v))
+    o, lse = _flash(q.transpose(0, 1)[None], k, v, is_causal=True, scale=scale)
+    return o[0].transpose(0, 1), lse[0].transpose(0, 1)
+
+
+def _over_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q`` ``[Q, Hq, D]`` over the cached ``k``/``v`` ``[Hk, L, D]`` (every query sees every position): the g query
+    heads of a KV head are folded into the query axis, so K/V are never repeated."""
+    q_len, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[0]
+    g = num_heads // num_kv_heads
+    folded = q.view(q_len, num_kv_heads, g, head_dim).permute(1, 2, 0, 3).reshape(1, num_kv_heads, g * q_len, head_dim)
+    o, lse = _flash(folded, k[None], v[None], scale=scale)
+    o = o.reshape(num_kv_heads, g, q_len, head_dim).permute(2, 0, 1, 3).reshape(q_len, num_heads, head_dim)
+    return o, lse.reshape(num_kv_heads, g, q_len).permute(2, 0, 1).reshape(q_len, num_heads)
+
+
+def _merge(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax over two disjoint key sets from each one's output and log-sum-exp (``[Q, Hq, D]``, ``[Q, Hq]``)."""
+    lse = torch.logaddexp(lse1, lse2)
+    return o1 * (lse1 - lse).exp()[..., None] + o2 * (lse2 - lse).exp()[..., None], lse

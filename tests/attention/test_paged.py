@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from nexusquant_vllm.attention.native_cpu import prefill_rows
 from nexusquant_vllm.attention.pages import DensePages
 from nexusquant_vllm.attention.paged import NULL_BLOCK_ID, attend, plan_groups
 
@@ -62,3 +63,30 @@ def test_attend_matches_reference_with_null_block_holes(q_lens, cached_lens, raw
         new = (key[s:e], value[s:e]) if raw_tokens else (None, None)
         ref = _reference(query[s:e], ctx[..., :D], ctx[..., D:], *new, keep, scale)
         torch.testing.assert_close(out[s:e], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("q_lens,cached_lens", [([3, 6, 2, 5], [0, 7, 4, 10]), ([9, 2], [13, 0])])
+def test_native_prefill_rows_match_attend(q_lens, cached_lens):
+    """The native CPU path's prefill rows (torch's flash kernel, merged by log-sum-exp) equal ``attend``: holes, a
+    context that is all holes, a partial last block whose stale tail is NaN, first chunks and continuation chunks."""
+    torch.manual_seed(1)
+    pages = torch.randn(40, H_KV, BS, 2 * D)
+    pages[NULL_BLOCK_ID] = float("nan")
+    block_table = (torch.randperm(39)[: len(q_lens) * 6] + 1).view(len(q_lens), 6)
+    block_table[0, 0] = NULL_BLOCK_ID  # request 0 has no context: an unused hole
+    block_table[-1, 1] = NULL_BLOCK_ID
+    if cached_lens[1] == 7:
+        block_table[1, :2] = NULL_BLOCK_ID  # all of request 1's context is a hole
+    for r, c in enumerate(cached_lens):
+        if c % BS:
+            pages[block_table[r, c // BS], :, c % BS :] = float("nan")  # stale slots past the context
+    seq_lens = torch.tensor([c + q for c, q in zip(cached_lens, q_lens)])
+    qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)))
+    t = int(qsl[-1])
+    query, key, value = torch.randn(t, H_KV * G, D), torch.randn(t, H_KV, D), torch.randn(t, H_KV, D)
+    (grp,) = plan_groups(qsl, seq_lens, block_table, BS)
+    reader = DensePages(D).reader(pages)
+    want = attend(query, key, value, [grp], reader, D**-0.5, torch.zeros(t, H_KV * G, D))
+    got = torch.full((t, H_KV * G, D), float("nan"))
+    prefill_rows(query, key, value, grp, reader, D**-0.5, got)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
