@@ -33,15 +33,36 @@ using nq::load8;
 using nq::v8f;
 using nq::v8i;
 
+// RES8 by orbit under coordinate permutations (the table is closed under them up to where its norm-sorted list is
+// cut at 256 points, which leaves some orbits partial). Over one orbit, <r, y> is largest for the y that orders its
+// coordinates like r's (the rearrangement inequality), so one sort of the residual gives every orbit's nearest
+// point and a lower bound of its distance. Members are stored again, orbit by orbit, for the orbits whose nearest
+// point the cut removed: those are scanned.
+constexpr int kMaxOrbits = kGroup;  // one vector of orbit bounds
+constexpr int kMembers = kPatterns + kGroup * kMaxOrbits;  // each orbit's run padded to a multiple of 8
+constexpr int kHashSlots = 1024;
+
+struct Res8Orbits {
+  int count;                          // orbits; 0 when the table has more than kMaxOrbits (every search scans)
+  float sorted_t[kGroup][kMaxOrbits];  // each orbit's coordinates in descending order, coordinate-major
+  float norm[kMaxOrbits];
+  uint8_t code[kMaxOrbits][kGroup];  // 4y + 8 of the sorted coordinates (RES8 coordinates are multiples of 1/4)
+  int begin[kMaxOrbits + 1];         // orbit o's members: [begin[o], begin[o + 1]), padding with infinite norm
+  float member_t[kGroup][kMembers];
+  float member_norm[kMembers];
+  int32_t member_index[kMembers];
+  uint64_t hash_key[kHashSlots];  // point key (5 bits per coordinate code) -> RES8 index, linear probing; 0: empty
+  int32_t hash_index[kHashSlots];
+};
+
 struct Tables {
   float pattern_t[kGroup][kPatterns];  // E8P absolute patterns, coordinate-major (loops over patterns vectorize)
   float pattern_norm[kPatterns];
   int parity[kPatterns];
   float pattern[kPatterns][kGroup];
-  float res8_t[kGroup][kPatterns];
-  float res8_norm[kPatterns];
   float res8[kPatterns][kGroup];
   const int64_t* lookup;  // [4^8]: E8P pattern of a base-4 key of |base| - 1/2, or -1
+  Res8Orbits orbits;
 };
 
 
@@ -343,51 +364,106 @@ NQ_INLINE int32_t nearest_e8p(const Tables& tb, const float* u, Target& tg) {
   return nearest;
 }
 
-// For each of the n residuals r[b] (n <= kMaxBeam): the first index of the smallest squared distance (up to the
-// constant |r|^2) to the RES8 points. One pass over the table, 8 points at a time, serves all n (the table's rows are
-// loaded once per block instead of once per residual); per lane the smallest distance and its first index, then the
-// first of the lanes' minima.
-template <int n>
-NQ_INLINE void nearest_res8_n(const Tables& tb, const float (*r)[kGroup], int32_t* out) {
-  const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
-  v8f best[kMaxBeam];
-  v8i best_index[kMaxBeam];
-  float twice_r[kMaxBeam][kGroup];  // doubling is exact: the same distances as doubling the scores
-  for (int b = 0; b < n; ++b) {
-    best[b] = v8f{} + std::numeric_limits<float>::infinity();
-    best_index[b] = v8i{};
-    for (int i = 0; i < kGroup; ++i) twice_r[b][i] = 2.0f * r[b][i];
-  }
-  for (int j = 0; j < kPatterns; j += kGroup) {
-    v8f row[kGroup];
-    for (int i = 0; i < kGroup; ++i) row[i] = load8(&tb.res8_t[i][j]);
-    const v8f norm = load8(&tb.res8_norm[j]);
-    for (int b = 0; b < n; ++b) {
-      v8f twice_score = {};
-      for (int i = 0; i < kGroup; ++i) twice_score += twice_r[b][i] * row[i];
-      const v8f distance = norm - twice_score;
-      const v8i better = distance < best[b];
-      best[b] = better ? distance : best[b];
-      best_index[b] = better ? lane + j : best_index[b];
-    }
-  }
-  for (int b = 0; b < n; ++b) {
-    float m = best[b][0];
-    int32_t index = best_index[b][0];  // 0 for a NaN target (its vector gets a NaN scale)
-    for (int l = 1; l < kGroup; ++l) {
-      if (best[b][l] < m || (best[b][l] == m && best_index[b][l] < index)) {
-        m = best[b][l];
-        index = best_index[b][l];
-      }
-    }
-    out[b] = index;
+NQ_INLINE uint64_t point_key(const uint8_t* code, const int* position) {
+  uint64_t key = 0;
+  for (int k = 0; k < kGroup; ++k) key |= static_cast<uint64_t>(code[k]) << (5 * position[k]);
+  return key;
+}
+
+NQ_INLINE unsigned hash_slot(uint64_t key) { return static_cast<unsigned>((key * 0x9E3779B97F4A7C15ull) >> 54); }
+
+// RES8 index of orbit o's point whose k-th largest coordinate sits at position[k], or -1 if the table lacks it.
+NQ_INLINE int32_t orbit_point(const Res8Orbits& ob, int o, const int* position) {
+  const uint64_t key = point_key(ob.code[o], position);
+  for (unsigned h = hash_slot(key);; h = (h + 1) % kHashSlots) {
+    if (ob.hash_key[h] == key) return ob.hash_index[h];
+    if (ob.hash_key[h] == 0) return -1;
   }
 }
 
-// Compile-time residual counts keep every lane's best distance and index in registers; the 3-bit beam is 4.
-NQ_INLINE void nearest_res8(const Tables& tb, const float (*r)[kGroup], int n, int32_t* out) {
-  if (n == 4) return nearest_res8_n<4>(tb, r, out);
-  for (int b = 0; b < n; ++b) nearest_res8_n<1>(tb, r + b, out + b);
+// One layer of a sorting network on the 8 lanes of (value, position): lane i pairs with lane partner[i] and keeps
+// the larger value where it is the lower lane of its pair (keep_max), else the smaller; unpaired lanes pair with
+// themselves. Ties keep both lanes as they are.
+NQ_INLINE void sort_layer(v8f& value, v8i& position, v8i partner, v8i keep_max) {
+  const v8f other = __builtin_shuffle(value, partner);
+  const v8i other_position = __builtin_shuffle(position, partner);
+  const v8i take = (keep_max & (other > value)) | (~keep_max & (other < value));
+  value = take ? other : value;
+  position = take ? other_position : position;
+}
+
+// r sorted in descending order (values, and the positions they came from), by the 19-comparator sorting network
+// for 8 inputs in 6 layers, in registers.
+NQ_INLINE void sort_descending(const float* r, float* value, int* position) {
+  v8f v = load8(r);
+  v8i pos = {0, 1, 2, 3, 4, 5, 6, 7};
+  sort_layer(v, pos, v8i{2, 3, 0, 1, 6, 7, 4, 5}, v8i{-1, -1, 0, 0, -1, -1, 0, 0});
+  sort_layer(v, pos, v8i{4, 5, 6, 7, 0, 1, 2, 3}, v8i{-1, -1, -1, -1, 0, 0, 0, 0});
+  sort_layer(v, pos, v8i{1, 0, 3, 2, 5, 4, 7, 6}, v8i{-1, 0, -1, 0, -1, 0, -1, 0});
+  sort_layer(v, pos, v8i{0, 1, 4, 5, 2, 3, 6, 7}, v8i{0, 0, -1, -1, 0, 0, 0, 0});
+  sort_layer(v, pos, v8i{0, 4, 2, 6, 1, 5, 3, 7}, v8i{0, -1, 0, -1, 0, 0, 0, 0});
+  sort_layer(v, pos, v8i{0, 2, 1, 4, 3, 6, 5, 7}, v8i{0, -1, 0, -1, 0, -1, 0, 0});
+  nq::store8(value, v);
+  *reinterpret_cast<nq::v8i_unaligned*>(position) = pos;
+}
+
+// The nearest member of members [begin, end) to r by the exhaustive scan's distance |y|^2 - <2r, y>, folded into
+// (best, best_index); among equal distances the smallest index wins, as in a scan of the whole table.
+NQ_INLINE void scan_members(const Res8Orbits& ob, const float* twice_r, int begin, int end, float& best,
+                            int32_t& best_index) {
+  v8f lane_best = v8f{} + std::numeric_limits<float>::infinity();
+  v8i lane_index = v8i{} + kPatterns;
+  for (int j = begin; j < end; j += kGroup) {
+    v8f twice_score = {};
+    for (int i = 0; i < kGroup; ++i) twice_score += twice_r[i] * load8(&ob.member_t[i][j]);
+    const v8f distance = load8(&ob.member_norm[j]) - twice_score;
+    const v8i index = *reinterpret_cast<const nq::v8i_unaligned*>(&ob.member_index[j]);
+    const v8i better = (distance < lane_best) | ((distance == lane_best) & (index < lane_index));
+    lane_best = better ? distance : lane_best;
+    lane_index = better ? index : lane_index;
+  }
+  for (int l = 0; l < kGroup; ++l) {
+    if (lane_best[l] < best || (lane_best[l] == best && lane_index[l] < best_index)) {
+      best = lane_best[l];
+      best_index = lane_index[l];
+    }
+  }
+}
+
+// Exact nearest RES8 point of residual r (the exhaustive scan's answer up to float rounding at near ties). One sort
+// gives every orbit's distance bound; the orbit with the smallest bound is searched first, through its nearest
+// point when the table holds it (then no other orbit can be nearer), else by scanning its members; then every other
+// orbit whose bound does not exceed the best distance found.
+NQ_INLINE int32_t nearest_res8(const Res8Orbits& ob, const float* r) {
+  float twice_r[kGroup];
+  for (int i = 0; i < kGroup; ++i) twice_r[i] = 2.0f * r[i];
+  float best = std::numeric_limits<float>::infinity();
+  int32_t best_index = kPatterns;
+  if (ob.count == 0) {
+    scan_members(ob, twice_r, 0, ob.begin[1], best, best_index);
+    return best_index < kPatterns ? best_index : 0;  // 0 for a NaN target (its vector gets a NaN scale)
+  }
+  float value[kGroup];
+  int position[kGroup];
+  sort_descending(r, value, position);
+  v8f twice_score = {};
+  for (int k = 0; k < kGroup; ++k) twice_score += (2.0f * value[k]) * load8(ob.sorted_t[k]);
+  const v8f bound = load8(ob.norm) - twice_score;
+  const v8f smallest = lane_min(bound);
+  unsigned todo = lane_mask(bound < std::numeric_limits<float>::infinity());  // orbits, less NaN bounds
+  const int first = __builtin_ctz(lane_mask(bound == smallest) | 0x100) & 7;
+  for (int o = first; todo & (1u << o); o = __builtin_ctz(todo | 0x100) & 7) {
+    todo &= ~(1u << o);
+    const int32_t index = orbit_point(ob, o, position);
+    if (index < 0) {
+      scan_members(ob, twice_r, ob.begin[o], ob.begin[o + 1], best, best_index);
+    } else if (bound[o] < best || (bound[o] == best && index < best_index)) {
+      best = bound[o];
+      best_index = index;
+    }
+    todo &= lane_mask(bound <= best);
+  }
+  return best_index < kPatterns ? best_index : 0;
 }
 
 // Codes one 8-dim unit-scale group; writes its stage indices and decoded point.
@@ -416,7 +492,7 @@ NQ_INLINE void code_group(const Tables& tb, const Config& cfg, const float* u, T
     point[b] = decode_e8p(tb, candidates[b]);
     nq::store8(residual[b], (target - point[b]) / cfg.step2);
   }
-  nearest_res8(tb, residual, cfg.beam, second);
+  for (int b = 0; b < cfg.beam; ++b) second[b] = nearest_res8(tb.orbits, residual[b]);
   float best_error = std::numeric_limits<float>::infinity();
   for (int b = 0; b < cfg.beam; ++b) {
     const v8f sum = point[b] + load8(tb.res8[second[b]]) * cfg.step2;
@@ -434,20 +510,87 @@ NQ_INLINE void code_group(const Tables& tb, const Config& cfg, const float* u, T
 
 NQ_INLINE float round_to_fp16(float x) { return static_cast<float>(static_cast<_Float16>(x)); }
 
+// RES8's orbits (see Res8Orbits): the distinct descending-sorted points, each orbit's members and the point ->
+// index hash. A table with more than kMaxOrbits orbits gets count 0 and one run of all its points.
+void build_orbits(const float (*res8)[kGroup], Res8Orbits& ob) {
+  int orbit_of[kPatterns];
+  ob.count = 0;
+  for (int p = 0; p < kPatterns; ++p) {
+    float sorted[kGroup];
+    int position[kGroup];
+    sort_descending(res8[p], sorted, position);
+    int o = 0;
+    for (; o < ob.count; ++o) {
+      bool same = true;
+      for (int k = 0; k < kGroup; ++k) same &= ob.sorted_t[k][o] == sorted[k];
+      if (same) break;
+    }
+    if (o == kMaxOrbits) {
+      ob.count = 0;
+      break;
+    }
+    if (o == ob.count) {
+      ++ob.count;
+      ob.norm[o] = 0.0f;
+      for (int k = 0; k < kGroup; ++k) {
+        ob.sorted_t[k][o] = sorted[k];
+        ob.code[o][k] = static_cast<uint8_t>(std::lrint(4.0f * sorted[k]) + 8);
+        ob.norm[o] += sorted[k] * sorted[k];
+      }
+    }
+    orbit_of[p] = o;
+  }
+  for (int o = ob.count; o < (ob.count + kGroup - 1) / kGroup * kGroup; ++o) {  // lanes past the last orbit
+    ob.norm[o] = std::numeric_limits<float>::infinity();
+    for (int k = 0; k < kGroup; ++k) ob.sorted_t[k][o] = 0.0f;
+  }
+  const int orbits = ob.count > 0 ? ob.count : 1;
+  int next = 0;
+  for (int o = 0; o < orbits; ++o) {
+    ob.begin[o] = next;
+    for (int p = 0; p < kPatterns; ++p) {
+      if (ob.count > 0 && orbit_of[p] != o) continue;
+      for (int i = 0; i < kGroup; ++i) ob.member_t[i][next] = res8[p][i];
+      ob.member_norm[next] = 0.0f;
+      for (int i = 0; i < kGroup; ++i) ob.member_norm[next] += res8[p][i] * res8[p][i];
+      ob.member_index[next++] = p;
+    }
+    for (; next % kGroup; ++next) {
+      for (int i = 0; i < kGroup; ++i) ob.member_t[i][next] = 0.0f;
+      ob.member_norm[next] = std::numeric_limits<float>::infinity();
+      ob.member_index[next] = kPatterns;
+    }
+  }
+  ob.begin[orbits] = next;
+  std::memset(ob.hash_key, 0, sizeof(ob.hash_key));
+  for (int p = 0; ob.count > 0 && p < kPatterns; ++p) {
+    uint8_t code[kGroup];
+    int position[kGroup];
+    for (int i = 0; i < kGroup; ++i) {
+      code[i] = static_cast<uint8_t>(std::lrint(4.0f * res8[p][i]) + 8);
+      position[i] = i;
+    }
+    const uint64_t key = point_key(code, position);
+    unsigned h = hash_slot(key);
+    while (ob.hash_key[h] != 0) h = (h + 1) % kHashSlots;
+    ob.hash_key[h] = key;
+    ob.hash_index[h] = p;
+  }
+}
+
 void build_tables(const float* patterns, const int64_t* parity, const float* res8, const int64_t* lookup,
                   Tables& tb) {
   tb.lookup = lookup;
   for (int p = 0; p < kPatterns; ++p) {
     tb.pattern_norm[p] = 0.0f;
-    tb.res8_norm[p] = 0.0f;
     tb.parity[p] = static_cast<int>(parity[p]);
     for (int i = 0; i < kGroup; ++i) {
       tb.pattern[p][i] = tb.pattern_t[i][p] = patterns[p * kGroup + i];
-      tb.res8[p][i] = tb.res8_t[i][p] = res8[p * kGroup + i];
+      tb.res8[p][i] = res8[p * kGroup + i];
       tb.pattern_norm[p] += tb.pattern[p][i] * tb.pattern[p][i];
-      tb.res8_norm[p] += tb.res8[p][i] * tb.res8[p][i];
     }
   }
+  build_orbits(tb.res8, tb.orbits);
 }
 
 // Codes one rotated vector v [d] -> stage indices code1/code2 [d/8] (code2 untouched at 2 bits) and the fp16 scale.
