@@ -9,6 +9,10 @@ its first token, from then to its last token: the batch makes ``batch`` tokens p
 request's decode), and wall time. Runs are interleaved over dtypes, so that a slow spell of a shared machine hits
 every dtype, and the median of ``--repeats`` is reported.
 
+Breakdown runs (``--breakdown``): where one batch's prefill time goes. The engine runs in this process (vLLM's
+multiprocessing off, so the timers see the worker), ``max_tokens=1``, one run per dtype: the time inside the attention
+paths' store and attend (every layer, E8 and protected alike) and the rest (the model, sampling, scheduling).
+
 Kernel runs (``--kernel``): the native decode attention (``csrc/e8_decode_attention_cpu.cpp``) over E8 pages and over
 bf16 pages of the same paged layout (the pages of vLLM's protected layers), batch 8, SmolLM2's heads (9 query, 3 KV,
 head_dim 64), context 1K to 32K: ms per step and layer, ns and bytes per token-head.
@@ -16,18 +20,22 @@ head_dim 64), context 1K to 32K: ms per step and layer, ns and bytes per token-h
 The machine is recorded beside the numbers: CPU model and vector ISA, load average, one core's fp32 and bf16 matmul
 rate (a CPU without AVX-512 BF16 runs a bf16 model many times slower, which changes every ratio; ``--model-dtype
 float32`` then measures what a user of that CPU would run) and copy bandwidth.
-Writes results/cpu_throughput.{json,md,png} (``--name`` to choose another stem).
+Writes results/cpu_throughput.{json,md}, results/cpu_breakdown.{json,md} or results/cpu_kernel.{json,md,png}
+(``--name`` to choose another stem).
 
     python -m benchmarks.cpu_throughput [--dtypes auto,fp8,e8-k3v2] [--batches 1,8] [--prompt-lens 1024,4096,8192]
-        [--new-tokens 128] [--repeats 3] [--model-dtype auto] [--kernel] [--contexts 1024,4096,16384,32768]
+        [--new-tokens 128] [--repeats 3] [--model-dtype auto] [--breakdown] [--kernel]
+        [--contexts 1024,4096,16384,32768]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -139,6 +147,88 @@ def engine_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ---- breakdown runs ------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def path_timers() -> Iterator[dict[str, float]]:
+    """Seconds spent in every attention path's ``store`` and ``attend`` while the context is open (outermost calls
+    only: a path that delegates to its parent class is counted once)."""
+    from nexusquant_vllm.attention import NativeCpuPath, TorchPath
+
+    spent = {"store": 0.0, "attend": 0.0}
+    depth = [0]
+    saved = [(cls, name, cls.__dict__[name]) for cls in (TorchPath, NativeCpuPath) for name in spent
+             if name in cls.__dict__]
+
+    def timed(name, fn):
+        def wrapper(self, *args, **kwargs):
+            depth[0] += 1
+            t = time.perf_counter()
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    spent[name] += time.perf_counter() - t
+        return wrapper
+
+    for cls, name, fn in saved:
+        setattr(cls, name, timed(name, fn))
+    try:
+        yield spent
+    finally:
+        for cls, name, fn in saved:
+            setattr(cls, name, fn)
+
+
+def breakdown(model: str, dtype: str, prompts: list[list[int]], model_dtype: str, enforce_eager: bool) -> dict:
+    """One in-process engine, one batch prefilled to its first token: total, store and attention seconds."""
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    from benchmarks.common import shutdown_llm
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    llm = LLM(model=model, kv_cache_dtype=dtype, dtype=model_dtype, max_model_len=max(map(len, prompts)) + 16,
+              enforce_eager=enforce_eager, seed=0, enable_prefix_caching=False, max_num_seqs=len(prompts))
+    llm.generate([TokensPrompt(prompt_token_ids=prompts[0][:32])], SamplingParams(max_tokens=2), use_tqdm=False)
+    with path_timers() as spent:
+        t = time.perf_counter()
+        llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], SamplingParams(max_tokens=1), use_tqdm=False)
+        total = time.perf_counter() - t
+    shutdown_llm(llm)
+    return {"prefill_s": total, "store_s": spent["store"], "attention_s": spent["attend"],
+            "rest_s": total - spent["store"] - spent["attend"]}
+
+
+def breakdown_rows(args: argparse.Namespace) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    from benchmarks.common import corpus_token_chunks, smollm2_path
+
+    model = str(smollm2_path())
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    rows = []
+    for batch in args.batches:
+        for prompt_len in args.prompt_lens:
+            prompts = corpus_token_chunks(tokenizer, batch, prompt_len, seed=1)
+            for dtype in args.dtypes:
+                row = {"dtype": dtype, "batch": batch, "prompt_len": prompt_len,
+                       **breakdown(model, dtype, prompts, args.model_dtype, args.enforce_eager)}
+                print(row, flush=True)
+                rows.append(row)
+    return rows
+
+
+def breakdown_table(rows: list[dict]) -> str:
+    lines = ["| batch x prompt | dtype | prefill (s) | store (s) | attention (s) | rest (s) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        paths = (f"{r['store_s']:.1f} | {r['attention_s']:.1f}" if r["dtype"].startswith(("e8-", "scalar-"))
+                 else "– | –")  # auto / fp8 attend through vLLM's own backend, not timed here
+        lines.append(f"| {r['batch']} x {r['prompt_len']} | {r['dtype']} | {r['prefill_s']:.1f} | {paths} | "
+                     f"{r['rest_s']:.1f} |")
+    return "\n".join(lines)
+
+
 # ---- kernel runs ---------------------------------------------------------------------------------------------------
 
 def kernel_rows(contexts: list[int], dtypes: list[str]) -> list[dict]:
@@ -227,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per dtype, interleaved; the median is reported")
     p.add_argument("--model-dtype", default="auto", help="vLLM's --dtype (auto: the model's bf16)")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM's eager mode instead of its compiled graph")
+    p.add_argument("--breakdown", action="store_true", help="where the prefill time goes (store, attention, rest)")
     p.add_argument("--kernel", action="store_true", help="the decode-attention microbenchmark instead")
     p.add_argument("--contexts", type=ints, default="1024,4096,16384,32768")
     p.add_argument("--name", default=None, help="result file stem (default: cpu_throughput or cpu_kernel)")
@@ -241,9 +332,12 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB: batch 8 x 8K tokens in float32 fits
         # A long e8 prefill step on a loaded machine can exceed vLLM's 300 s default.
         os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
-        rows = engine_rows(args)
-        name = args.name or "cpu_throughput"
-        table = engine_table(rows)
+        if args.breakdown:
+            rows, name = breakdown_rows(args), args.name or "cpu_breakdown"
+            table = breakdown_table(rows)
+        else:
+            rows, name = engine_rows(args), args.name or "cpu_throughput"
+            table = engine_table(rows)
     payload["rows"] = rows
     payload["machine_after"] = {"loadavg_1_5_15": os.getloadavg()}
     write_results(name, payload, table)

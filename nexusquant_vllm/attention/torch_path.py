@@ -42,9 +42,10 @@ class TorchPath:
     def attend(self, query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None,
                kv_cache: torch.Tensor, plan: list[RequestGroup], out: torch.Tensor) -> None:
         """Over rotated pages, scores and P @ V run in the rotated domain (the rotation is orthogonal): this step's
-        q and raw K/V are rotated once and the output un-rotated once; the cached pages are never un-rotated.
+        q and raw K/V are rotated once and the output un-rotated once; the cached pages are never un-rotated. A step
+        in which no request reads a page (first prefill chunks only) needs no rotation at all.
         ``key`` None: no raw tokens (see ``paged.attend``)."""
-        if not self.pages.rotated:
+        if not self.pages.rotated or all(grp.num_ctx_blocks == 0 for grp in plan):
             self._attend(query, key, value, kv_cache, plan, out)
             return
         work = torch.zeros(out.shape, dtype=torch.float32, device=out.device)

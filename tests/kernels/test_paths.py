@@ -185,3 +185,25 @@ def test_stale_nan_slots_past_the_context_are_never_attended(name, query_lens, p
         outs.append(out.cpu())
     assert torch.isfinite(outs[1]).all()
     torch.testing.assert_close(outs[1], outs[0])
+
+
+@pytest.mark.parametrize("path_name", ["torch", "native-cpu"])
+def test_first_chunks_skip_the_rotation_with_the_same_output(path_name):
+    """A step of first prefill chunks reads no page, so it attends in the model's domain; the output equals attention
+    in the pages' rotated domain, un-rotated."""
+    if path_name == "native-cpu" and not native.available():
+        pytest.skip("native kernels not built")
+    path_cls = {"torch": TorchPath, "native-cpu": NativeCpuPath}[path_name]
+    gen = torch.Generator().manual_seed(2)
+    kind = LayerKind("e8-k3v2", True, D, HQ, HK)
+    path, cache = path_cls(kind.pages(), SCALE), empty_cache(kind, "cpu")
+    q_lens = torch.tensor([5, 9, 3])
+    n = int(q_lens.sum())
+    q, k, v = torch.randn(n, HQ, D, generator=gen), *(torch.randn(n, HK, D, generator=gen) for _ in range(2))
+    plan = path_cls.plan(step_batch(q_lens, q_lens, "cpu"))
+    assert all(grp.num_ctx_blocks == 0 for grp in plan)
+    out, rotated = torch.zeros(n, HQ, D), torch.zeros(n, HQ, D)
+    path.attend(q, k, v, cache, plan, out)
+    pages = path.pages
+    path._attend(pages.to_pages(q), pages.to_pages(k), pages.to_pages(v), cache, plan, rotated)
+    torch.testing.assert_close(out, pages.to_model(rotated), atol=1e-5, rtol=1e-5)
