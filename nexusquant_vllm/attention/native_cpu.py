@@ -76,10 +76,11 @@ def prefill_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, gr
     time through torch's CPU flash-attention kernel, float32."""
     for r, q_len in enumerate(grp.token_valid.sum(1).tolist()):
         rows = grp.token_idx[r, :q_len]
+        q = query[rows].float()
+        o, lse = _causal(q, key[rows].float(), value[rows].float(), scale)
         context = _context(grp, r, read_pages) if grp.num_ctx_blocks else None
-        o, lse = _causal(query[rows].float(), key[rows].float(), value[rows].float(), scale)
         if context is not None:
-            o, lse = _merge(o, lse, *_over_context(query[rows].float(), *context, scale))
+            o, lse = _merge(o, lse, *_over_context(q, *context, scale))
         out[rows] = o.to(out.dtype)
 
 
