@@ -85,19 +85,41 @@ def machine() -> dict:
 
 # ---- engine runs ---------------------------------------------------------------------------------------------------
 
+def warm_engine(model: str, dtype: str, prompts: list[list[int]], new_tokens: int, model_dtype: str,
+                enforce_eager: bool, **engine_args):
+    """An engine sized for one batch of ``prompts`` (no prefix caching), after one short warm-up request."""
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    llm = LLM(model=model, kv_cache_dtype=dtype, dtype=model_dtype,
+              max_model_len=max(len(p) for p in prompts) + new_tokens + 16, enforce_eager=enforce_eager, seed=0,
+              enable_prefix_caching=False, max_num_seqs=len(prompts), **engine_args)
+    llm.generate([TokensPrompt(prompt_token_ids=prompts[0][:32])], SamplingParams(max_tokens=2), use_tqdm=False)
+    return llm
+
+
+def prompt_sets(args: argparse.Namespace) -> Iterator[tuple[str, int, int, list[list[int]]]]:
+    """(model path, batch, prompt length, the batch's prompts) for every ``--batches`` x ``--prompt-lens``: real
+    corpus text, seed 1."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.common import corpus_token_chunks, smollm2_path
+
+    model = str(smollm2_path())
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    for batch in args.batches:
+        for prompt_len in args.prompt_lens:
+            yield model, batch, prompt_len, corpus_token_chunks(tokenizer, batch, prompt_len, seed=1)
+
+
 def measure(model: str, dtype: str, prompts: list[list[int]], new_tokens: int, model_dtype: str,
             enforce_eager: bool) -> dict:
     """One engine, one batch: time to first token, decode tokens/s, wall time."""
-    from vllm import LLM, SamplingParams, TokensPrompt
+    from vllm import SamplingParams, TokensPrompt
 
     from benchmarks.common import shutdown_llm
 
-    longest = max(len(p) for p in prompts)
-    llm = LLM(model=model, kv_cache_dtype=dtype, dtype=model_dtype, max_model_len=longest + new_tokens + 16,
-              enforce_eager=enforce_eager, seed=0, enable_prefix_caching=False, max_num_seqs=len(prompts),
-              disable_log_stats=False)
+    llm = warm_engine(model, dtype, prompts, new_tokens, model_dtype, enforce_eager, disable_log_stats=False)
     greedy = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    llm.generate([TokensPrompt(prompt_token_ids=prompts[0][:32])], SamplingParams(max_tokens=2), use_tqdm=False)
     start, t0 = time.monotonic(), time.perf_counter()
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy, use_tqdm=False)
     wall = time.perf_counter() - t0
@@ -112,28 +134,20 @@ def measure(model: str, dtype: str, prompts: list[list[int]], new_tokens: int, m
 
 
 def engine_rows(args: argparse.Namespace) -> list[dict]:
-    from transformers import AutoTokenizer
-
-    from benchmarks.common import corpus_token_chunks, smollm2_path
-
-    model = str(smollm2_path())
-    tokenizer = AutoTokenizer.from_pretrained(model)
     rows = []
-    for batch in args.batches:
-        for prompt_len in args.prompt_lens:
-            prompts = corpus_token_chunks(tokenizer, batch, prompt_len, seed=1)
-            runs: dict[str, list[dict]] = {d: [] for d in args.dtypes}
-            for _ in range(args.repeats):  # interleaved over dtypes
-                for dtype in args.dtypes:
-                    runs[dtype].append(measure(model, dtype, prompts, args.new_tokens, args.model_dtype,
-                                               args.enforce_eager))
-                    print(batch, prompt_len, dtype, runs[dtype][-1], flush=True)
-            medians = {d: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for d, rs in runs.items()}
-            base = medians.get("auto")
-            for dtype, med in medians.items():
-                rows.append({"dtype": dtype, "batch": batch, "prompt_len": prompt_len, **med, "runs": runs[dtype],
-                             **{f"{k}_vs_auto": med[k2] / base[k2] if base else None
-                                for k, k2 in (("ttft", "ttft_s"), ("decode", "decode_tokens_per_s"))}})
+    for model, batch, prompt_len, prompts in prompt_sets(args):
+        runs: dict[str, list[dict]] = {d: [] for d in args.dtypes}
+        for _ in range(args.repeats):  # interleaved over dtypes
+            for dtype in args.dtypes:
+                runs[dtype].append(measure(model, dtype, prompts, args.new_tokens, args.model_dtype,
+                                           args.enforce_eager))
+                print(batch, prompt_len, dtype, runs[dtype][-1], flush=True)
+        medians = {d: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for d, rs in runs.items()}
+        base = medians.get("auto")
+        for dtype, med in medians.items():
+            rows.append({"dtype": dtype, "batch": batch, "prompt_len": prompt_len, **med, "runs": runs[dtype],
+                         **{f"{k}_vs_auto": med[k2] / base[k2] if base else None
+                            for k, k2 in (("ttft", "ttft_s"), ("decode", "decode_tokens_per_s"))}})
     return rows
 
 
@@ -182,15 +196,13 @@ def path_timers() -> Iterator[dict[str, float]]:
 
 
 def breakdown(model: str, dtype: str, prompts: list[list[int]], model_dtype: str, enforce_eager: bool) -> dict:
-    """One in-process engine, one batch prefilled to its first token: total, store and attention seconds."""
-    from vllm import LLM, SamplingParams, TokensPrompt
+    """One in-process engine (the caller turns vLLM's multiprocessing off), one batch prefilled to its first token:
+    total, store and attention seconds."""
+    from vllm import SamplingParams, TokensPrompt
 
     from benchmarks.common import shutdown_llm
 
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    llm = LLM(model=model, kv_cache_dtype=dtype, dtype=model_dtype, max_model_len=max(map(len, prompts)) + 16,
-              enforce_eager=enforce_eager, seed=0, enable_prefix_caching=False, max_num_seqs=len(prompts))
-    llm.generate([TokensPrompt(prompt_token_ids=prompts[0][:32])], SamplingParams(max_tokens=2), use_tqdm=False)
+    llm = warm_engine(model, dtype, prompts, 0, model_dtype, enforce_eager)
     with path_timers() as spent:
         t = time.perf_counter()
         llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], SamplingParams(max_tokens=1), use_tqdm=False)
@@ -201,26 +213,19 @@ def breakdown(model: str, dtype: str, prompts: list[list[int]], model_dtype: str
 
 
 def breakdown_rows(args: argparse.Namespace) -> list[dict]:
-    from transformers import AutoTokenizer
-
-    from benchmarks.common import corpus_token_chunks, smollm2_path
-
-    model = str(smollm2_path())
-    tokenizer = AutoTokenizer.from_pretrained(model)
     rows = []
-    for batch in args.batches:
-        for prompt_len in args.prompt_lens:
-            prompts = corpus_token_chunks(tokenizer, batch, prompt_len, seed=1)
-            for dtype in args.dtypes:
-                row = {"dtype": dtype, "batch": batch, "prompt_len": prompt_len,
-                       **breakdown(model, dtype, prompts, args.model_dtype, args.enforce_eager)}
-                print(row, flush=True)
-                rows.append(row)
+    for model, batch, prompt_len, prompts in prompt_sets(args):
+        for dtype in args.dtypes:
+            row = {"dtype": dtype, "batch": batch, "prompt_len": prompt_len,
+                   **breakdown(model, dtype, prompts, args.model_dtype, args.enforce_eager)}
+            print(row, flush=True)
+            rows.append(row)
     return rows
 
 
 def breakdown_table(rows: list[dict]) -> str:
-    lines = ["| batch x prompt | dtype | prefill (s) | store (s) | attention (s) | rest (s) |", "|---|---|---|---|---|---|"]
+    lines = ["| batch x prompt | dtype | prefill (s) | store (s) | attention (s) | rest (s) |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         paths = (f"{r['store_s']:.1f} | {r['attention_s']:.1f}" if r["dtype"].startswith(("e8-", "scalar-"))
                  else "– | –")  # auto / fp8 attend through vLLM's own backend, not timed here
@@ -333,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         # A long e8 prefill step on a loaded machine can exceed vLLM's 300 s default.
         os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
         if args.breakdown:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker in this process, where the timers are
             rows, name = breakdown_rows(args), args.name or "cpu_breakdown"
             table = breakdown_table(rows)
         else:

@@ -19,7 +19,6 @@ def test_machine_record_has_the_rates_that_change_every_ratio():
     assert m["copy_gb_per_s_1_core"] > 0 and m["cores"] >= 1
 
 
-
 def test_path_timers_count_a_delegating_call_once_and_restore_the_paths():
     import time
 
