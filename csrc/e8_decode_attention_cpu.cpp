@@ -243,6 +243,7 @@ struct Problem {
   const int64_t* block_table;  // [R, table_width]
   int64_t table_width;
   const int64_t* cached;  // [R] cached positions per request
+  int64_t window;         // sliding window (the query at position p sees keys k with p - k < window); 0: none
   int64_t num_kv_heads;
   int gqa, d;
   float scale;  // softmax scale
@@ -272,13 +273,14 @@ NQ_INLINE void attend_pairs(const Pages& pages, const Problem& pb, int64_t pair_
       st.sum[j] = 0.0f;
     }
     std::memset(st.acc, 0, sizeof(float) * gqa * d);
-    const int64_t len = pb.cached[r];
-    for (int64_t start = 0; start < len; start += pb.block_size) {
+    const int64_t len = pb.cached[r];  // the query's position
+    const int64_t begin = pb.window > 0 && len >= pb.window ? len - pb.window + 1 : 0;  // first key in the window
+    for (int64_t start = begin - begin % pb.block_size; start < len; start += pb.block_size) {
       const int64_t block = pb.block_table[r * pb.table_width + start / pb.block_size];
       if (block == 0) continue;  // vLLM's null block: an evicted hole, masked (never read)
       const int64_t in_block = len - start < pb.block_size ? len - start : pb.block_size;
       const uint8_t* base = pb.cache + block * pb.block_stride + h * pb.head_stride;
-      for (int64_t first = 0; first < in_block; first += kChunk) {
+      for (int64_t first = start < begin ? begin - start : 0; first < in_block; first += kChunk) {
         const int n = static_cast<int>(in_block - first < kChunk ? in_block - first : kChunk);
         for (int t = 0; t < n; ++t) pages.read(base + (first + t) * pb.token_stride, st, t, d);
         fold_chunk(st, gqa, d, n);
@@ -329,19 +331,19 @@ extern "C" {
 // Both entry points: the `pairs` = R * Hk (request, KV head) pairs, over up to `threads` OpenMP threads. q:
 // [R, Hk*gqa, d] float32 queries (in the pages' domain, or for E8 pages with rotate set in the model's domain);
 // k_new/v_new: [R, Hk, d] float32 K/V of the current token, same domain as q; cache: pages with byte strides
-// (block, head, token); block_table: int64 [R, table_width]; cached: int64 [R] cached tokens; out: [R, Hk*gqa, d]
-// float32, same domain as q.
+// (block, head, token); block_table: int64 [R, table_width]; cached: int64 [R] cached tokens; window: a sliding
+// window (keys at positions >= cached - window + 1 only), 0 for none; out: [R, Hk*gqa, d] float32, same domain as q.
 
 // E8 pages, slot layout [K codes | V codes | K scale fp16 | V scale fp16]; tables: E8P patterns [256, 8], their sign
 // parity uint8 [256], RES8 points times 1/2 [256, 8].
 void nq_e8_decode_attention(const float* q, const float* k_new, const float* v_new, const uint8_t* cache,
                             int64_t block_stride, int64_t head_stride, int64_t token_stride, int block_size,
-                            const int64_t* block_table, int64_t table_width, const int64_t* cached, int64_t num_kv_heads,
-                            int gqa, int d, float scale, int k_bits, int v_bits, const float* patterns,
+                            const int64_t* block_table, int64_t table_width, const int64_t* cached, int64_t window,
+                            int64_t num_kv_heads, int gqa, int d, float scale, int k_bits, int v_bits, const float* patterns,
                             const uint8_t* parity, const float* res8, int rotate, int64_t pairs, float* out,
                             int threads) {
   const Problem pb{q, k_new, v_new, cache, block_stride, head_stride, token_stride, block_size, block_table,
-                   table_width, cached, num_kv_heads, gqa, d, scale, out, rotate != 0};
+                   table_width, cached, window, num_kv_heads, gqa, d, scale, out, rotate != 0};
   const Codebooks cb{patterns, parity, res8};
   nq::parallel_rows(pairs, threads,
                     [&](int64_t begin, int64_t end) { attend_e8(cb, k_bits, v_bits, pb, begin, end); });
@@ -351,10 +353,10 @@ void nq_e8_decode_attention(const float* q, const float* k_new, const float* v_n
 void nq_dense_decode_attention(const float* q, const float* k_new, const float* v_new, const uint8_t* cache,
                                int64_t block_stride, int64_t head_stride, int64_t token_stride, int block_size,
                                const int64_t* block_table, int64_t table_width, const int64_t* cached,
-                               int64_t num_kv_heads, int gqa, int d, float scale, int dtype, int64_t pairs,
-                               float* out, int threads) {
+                               int64_t window, int64_t num_kv_heads, int gqa, int d, float scale, int dtype,
+                               int64_t pairs, float* out, int threads) {
   const Problem pb{q, k_new, v_new, cache, block_stride, head_stride, token_stride, block_size, block_table,
-                   table_width, cached, num_kv_heads, gqa, d, scale, out, false};
+                   table_width, cached, window, num_kv_heads, gqa, d, scale, out, false};
   nq::parallel_rows(pairs, threads,
                     [&](int64_t begin, int64_t end) { attend_dense(dtype, pb, begin, end); });
 }

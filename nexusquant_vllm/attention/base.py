@@ -35,6 +35,7 @@ class AttentionPath(Protocol):
     name: ClassVar[str]
     pages: Pages
     scale: float
+    window: int | None  # a sliding-window layer's window: query position p sees key positions k with p - k < window
 
     @staticmethod
     def plan(batch: StepBatch) -> object: ...

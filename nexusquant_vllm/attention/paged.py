@@ -16,7 +16,7 @@ padded to its longest query and context: no Python loop over requests, blocks or
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -39,10 +39,28 @@ class RequestGroup:
     cached_len: torch.Tensor  # [R] int64 cached context positions per request
     mask: torch.Tensor  # [R, 1, Qmax, Bmax*block_size + Qmax] bool, True = attend
     all_blocks_used: bool  # every [R, Bmax] entry is read: no scatter into a padded buffer needed
+    _windowed: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def num_ctx_blocks(self) -> int:
         return self.block_ids.shape[1]
+
+    def mask_for(self, window: int | None) -> torch.Tensor:
+        """``mask`` for a layer that attends over a sliding window of ``window`` positions (None: every position):
+        query position p sees key positions k with ``p - k < window``, as vLLM's sliding-window layers do. Built once
+        per window and step, shared by the layers of that window."""
+        if window is None:
+            return self.mask
+        if window not in self._windowed:
+            r, _, q_max, width = self.mask.shape
+            ar_q = torch.arange(q_max, device=self.mask.device)
+            ctx_len = width - q_max
+            query_pos = self.cached_len[:, None] + ar_q[None, :]  # [R, Qmax]
+            key_pos = torch.cat([torch.arange(ctx_len, device=self.mask.device).expand(r, ctx_len),
+                                 self.cached_len[:, None] + ar_q[None, :]], dim=1)  # [R, L + Qmax]
+            inside = query_pos[:, :, None] - key_pos[:, None, :] < window
+            self._windowed[window] = self.mask & inside[:, None]
+        return self._windowed[window]
 
 
 def plan_groups(
@@ -110,13 +128,15 @@ def attend(
     scale: float,
     out: torch.Tensor,
     query_tile: int = QUERY_TILE,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention for every token of the batch; writes ``out`` [T, Hq, D] and returns it.
 
     ``query`` [T, Hq, D], ``key``/``value`` [T, Hk, D]: this step's raw tokens, in the same domain as the pages that
     ``read_pages`` returns (callers rotate both for E8 pages); ``key`` None: no raw tokens, each query attends to
     its cached context only (a row with nothing to attend to gets zeros). ``read_pages(ids)`` returns head-major
-    ``[Hk, n, block_size, D]`` K and V. Computed in float32.
+    ``[Hk, n, block_size, D]`` K and V. ``window``: a sliding-window layer's window (``RequestGroup.mask_for``).
+    Computed in float32.
 
     Layout: head-major ``[Hk, R, ...]`` throughout, so that gathered pages are used as they come (no transpose
     copy), and the g = Hq/Hk query heads of one KV head are folded into the query axis (GQA without repeating K/V).
@@ -127,6 +147,7 @@ def attend(
     num_heads, head_dim = query.shape[1], query.shape[2]
     for grp in groups:
         r, q_max = grp.token_idx.shape
+        mask = grp.mask_for(window)
         context = _gather_context(grp, read_pages) if grp.num_ctx_blocks > 0 else None  # [Hk, R, L, D] each
         if key is None and context is None:
             out[grp.token_idx[grp.token_valid]] = 0
@@ -137,14 +158,15 @@ def attend(
         q = (query[grp.token_idx].float() * scale).view(r, q_max, num_kv_heads, g, head_dim).permute(2, 0, 3, 1, 4)
         if context is not None:
             k_ctx, v_ctx = context
-            ctx_mask = grp.mask[:, 0, :, : k_ctx.shape[2]]  # [R, Qmax, L]
+            ctx_mask = mask[:, 0, :, : k_ctx.shape[2]]  # [R, Qmax, L]
             # masked by selection (masked_fill), never by a zero weight: a stale slot past a request's context (vLLM
-            # does not clear reused blocks) may hold NaN, and 0 * NaN is NaN
+            # does not clear reused blocks) may hold NaN, and 0 * NaN is NaN. Row 0 sees every position any row sees
+            # (a later row's window only starts later).
             v_ctx = v_ctx.masked_fill(~ctx_mask[None, :, 0, :, None], 0.0)
         if key is not None:
             k_new = key[grp.token_idx].float().permute(2, 0, 1, 3)  # [Hk, R, Qmax, D]
             v_new = value[grp.token_idx].float().permute(2, 0, 1, 3)
-            causal = grp.mask[:, 0, :, -q_max:]  # [R, Qmax(query), Qmax(key)]
+            causal = mask[:, 0, :, -q_max:]  # [R, Qmax(query), Qmax(key)]
         for first in range(0, q_max, query_tile):
             last = min(first + query_tile, q_max)
             rows = slice(first, last)
@@ -158,7 +180,7 @@ def attend(
                 values.append(v_new[:, :, :last])
             p = torch.softmax(torch.cat(scores, dim=-1) if len(scores) > 1 else scores[0], dim=-1)
             if key is None:
-                p = p.nan_to_num_(0.0)  # a row whose context is all holes
+                p = p.nan_to_num_(0.0)  # a row whose context is all holes (or outside its window)
             o, start = None, 0
             for v in values:
                 part = torch.matmul(p[..., start : start + v.shape[2]], v)

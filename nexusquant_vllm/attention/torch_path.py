@@ -20,6 +20,7 @@ from nexusquant_vllm.attention.paged import RequestGroup, attend, plan_groups
 class TorchPath:
     pages: Pages
     scale: float
+    window: int | None = None  # a sliding-window layer's window (query position p sees keys k with p - k < window)
 
     name: ClassVar[str] = "torch"
 
@@ -56,4 +57,4 @@ class TorchPath:
     def _attend(self, query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None,
                 kv_cache: torch.Tensor, groups: list[RequestGroup], out: torch.Tensor) -> None:
         """Attention in the pages' domain."""
-        attend(query, key, value, groups, self.pages.reader(kv_cache), self.scale, out)
+        attend(query, key, value, groups, self.pages.reader(kv_cache), self.scale, out, window=self.window)

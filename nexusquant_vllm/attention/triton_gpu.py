@@ -45,6 +45,7 @@ def supports(head_dim: int) -> bool:
 class TritonPath:
     pages: Pages
     scale: float
+    window: int | None = None  # a sliding-window layer's window (see ``AttentionPath``)
 
     name: ClassVar[str] = "triton"
 
@@ -69,7 +70,8 @@ class TritonPath:
         if plan.max_query_len == 1:  # decode only: one row per request
             n = plan.num_reqs
             decode_attention(query[:n], kv_cache, plan.block_table, plan.seq_lens - 1, self.scale, fmt,
-                             k_new=key[:n], v_new=value[:n], out=out[:n], max_seq_len=plan.max_seq_len)
+                             k_new=key[:n], v_new=value[:n], out=out[:n], max_seq_len=plan.max_seq_len,
+                             window=self.window)
             return
         prefill_attention(query, key, value, kv_cache, plan.block_table, plan.query_start_loc, plan.seq_lens,
-                          self.scale, fmt, out=out, max_query_len=plan.max_query_len)
+                          self.scale, fmt, out=out, max_query_len=plan.max_query_len, window=self.window)

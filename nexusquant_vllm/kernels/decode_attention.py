@@ -52,6 +52,7 @@ def _split_kernel(
     stride_cb, stride_ch, stride_ct,  # cache strides in elements (block, kv head, token)
     block_table_ptr, stride_bt,
     seq_lens_ptr,
+    window,  # sliding window (keys at positions >= seq_len - window + 1), 0: none
     e8p_ptr, res8_ptr,
     part_acc_ptr,  # float32 [S, Hq, P, D]
     part_ml_ptr,  # float32 [S, Hq, P, 2]
@@ -76,8 +77,9 @@ def _split_kernel(
     q = (q * qk_scale).to(tl.float16)
 
     seq_len = tl.load(seq_lens_ptr + seq)
-    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * per_split
+    lo = tl.where(window > 0, tl.maximum(seq_len - window + 1, 0), 0)  # the query sits at position seq_len
+    per_split = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * per_split
     end = tl.minimum(start + per_split, seq_len)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -153,6 +155,7 @@ def decode_attention(
     num_splits: int | None = None,
     max_seq_len: int | None = None,
     block_n: int | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of one query token per sequence over its paged KV cache.
 
@@ -171,6 +174,8 @@ def decode_attention(
       num_splits: split-KV factor; pass a fixed value when capturing CUDA graphs (the default depends on
         ``max_seq_len``, a host int; without it, ``seq_lens.max()`` is read, which synchronizes).
       block_n: tokens per tile (default 32; power of two >= 16).
+      window: a sliding-window layer's window: the query, at position ``seq_lens[s]``, sees the cached positions
+        ``>= seq_lens[s] - window + 1`` only (the splits cover just those).
     Returns ``out`` (``[num_seqs, Hq, D]``, dtype of ``q`` if ``out`` is None).
     """
     num_seqs, num_q_heads, head_dim = q.shape
@@ -182,7 +187,7 @@ def decode_attention(
     block_n = block_n or 32
     if num_splits is None:
         max_len = max_seq_len if max_seq_len is not None else int(seq_lens.max())
-        num_splits = default_num_splits(num_seqs, num_kv_heads, max_len, block_n)
+        num_splits = default_num_splits(num_seqs, num_kv_heads, min(max_len, window or max_len), block_n)
     device = q.device
     rotated = rotated or fmt is None  # bf16 pages are read in the domain they were stored in
     rot = rotation_matrix(head_dim, device)
@@ -195,7 +200,7 @@ def decode_attention(
     k_bits, v_bits = (fmt.k_bits, fmt.v_bits) if fmt is not None else (2, 2)
     _split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q_rot.contiguous(), kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        block_table, block_table.stride(0), seq_lens,
+        block_table, block_table.stride(0), seq_lens, window or 0,
         e8p_packed_table(device), res8_flat_table(device),
         part_acc, part_ml, scale * LOG2E, stage2_step(k_bits), stage2_step(v_bits),
         num_parts, num_splits,

@@ -71,6 +71,7 @@ def _prefill_kernel(
     stride_cb, stride_ch, stride_ct,  # cache strides in elements (block, kv head, token)
     block_table_ptr, stride_bt,
     query_start_loc_ptr, seq_lens_ptr,
+    window,  # sliding window (query position p sees key positions k with p - k < window); used with WINDOWED
     e8p_ptr, res8_ptr,
     qk_scale,  # softmax scale * log2(e)
     k_step2, v_step2,
@@ -78,6 +79,7 @@ def _prefill_kernel(
     PAGE: tl.constexpr,  # tokens per page (block_size)
     KV_BITS: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     V_OFF: tl.constexpr, KS_OFF: tl.constexpr, VS_OFF: tl.constexpr,
+    WINDOWED: tl.constexpr,
 ):
     Q_PER_TILE: tl.constexpr = BLOCK_M // GROUP_SIZE
     tile = tl.program_id(0)
@@ -104,28 +106,39 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
 
-    # (a) cached context, read from the pages: every row sees all of it
-    for t0 in range(0, cached_len, BLOCK_N):
+    # (a) cached context, read from the pages: every row sees all of it, or with WINDOWED the positions p with
+    # cached_len + qi - p < window (the loop starts at the tile's first row's window)
+    lo = 0
+    if WINDOWED:
+        lo = tl.maximum(cached_len + tile_start - window + 1, 0)
+    for t0 in range(lo, cached_len, BLOCK_N):
         pos = t0 + tl.arange(0, BLOCK_N)
         in_ctx = pos < cached_len
         block = tl.load(block_table_ptr + req * stride_bt + pos // PAGE, mask=in_ctx, other=0)
         ok = in_ctx & (block != NULL_BLOCK)  # vLLM's null block: masked, never read
         tok = cache_ptr + block.to(tl.int64) * stride_cb + kvh * stride_ch + (pos % PAGE) * stride_ct
+        seen = ok[None, :]
+        if WINDOWED:
+            seen = seen & (cached_len + qi[:, None] - pos[None, :] < window)
         if KV_BITS == 16:
             k = tl.load(tok[:, None] + dims[None, :], mask=ok[:, None], other=0.0).to(tl.float16)
             v = tl.load(tok[:, None] + D + dims[None, :], mask=ok[:, None], other=0.0).to(tl.float16)
-            s = tl.where(ok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
+            s = tl.where(seen, tl.dot(q, tl.trans(k)), float("-inf"))
             m_i, l_i, acc = _softmax_step(s, v, 1.0, m_i, l_i, acc, False)
         else:
             k = _decode_unit(tok, ok, e8p_ptr, res8_ptr, k_step2, K_BITS, D).to(tl.float16)
             v = _decode_unit(tok + V_OFF, ok, e8p_ptr, res8_ptr, v_step2, V_BITS, D).to(tl.float16)
             s = tl.dot(q, tl.trans(k)) * _load_fp16_scale(tok + KS_OFF, ok)[None, :]
-            s = tl.where(ok[None, :], s, float("-inf"))
+            s = tl.where(seen, s, float("-inf"))
             m_i, l_i, acc = _softmax_step(s, v, _load_fp16_scale(tok + VS_OFF, ok), m_i, l_i, acc, True)
 
-    # (b) the request's new raw tokens, causally: keys up to the tile's last query token
+    # (b) the request's new raw tokens, causally: keys up to the tile's last query token (with WINDOWED, from the
+    # tile's first row's window)
     hi = tl.minimum(q_len, tile_start + Q_PER_TILE)
-    for j0 in range(0, hi, BLOCK_N):
+    lo = 0
+    if WINDOWED:
+        lo = tl.maximum(tile_start - window + 1, 0)
+    for j0 in range(lo, hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         j_ok = j < hi
         row = q_start + j
@@ -134,6 +147,8 @@ def _prefill_kernel(
         k = tl.load(k_ptr + k_off, mask=j_ok[:, None], other=0.0).to(tl.float16)
         v = tl.load(v_ptr + v_off, mask=j_ok[:, None], other=0.0).to(tl.float16)
         causal = j_ok[None, :] & (j[None, :] <= qi[:, None])
+        if WINDOWED:
+            causal = causal & (qi[:, None] - j[None, :] < window)
         s = tl.where(causal, tl.dot(q, tl.trans(k)), float("-inf"))
         m_i, l_i, acc = _softmax_step(s, v, 1.0, m_i, l_i, acc, False)
 
@@ -157,6 +172,7 @@ def prefill_attention(
     max_query_len: int | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention of a varlen batch of new query tokens over their requests' cached pages plus their own raw K/V.
 
@@ -175,6 +191,8 @@ def prefill_attention(
       block_m: rows per program, query tokens x GQA group (default ``launch.prefill``; power of two >= 16, raised
         to the group).
       block_n: context and new tokens per tile (default ``launch.prefill``; power of two >= 16).
+      window: a sliding-window layer's window: the query at position p sees the key positions k with
+        ``p - k < window`` only (a tile's loops start at its first row's window).
     Returns ``out`` (``[T, Hq, D]``, dtype of ``query`` if ``out`` is None).
     """
     num_tokens, num_q_heads, head_dim = query.shape
@@ -203,13 +221,13 @@ def prefill_attention(
     _prefill_kernel[grid](
         q_rot.contiguous(), k_rot, v_rot, k_rot.stride(0), k_rot.stride(1), v_rot.stride(0), v_rot.stride(1), out_rot,
         kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        block_table, block_table.stride(0), query_start_loc, seq_lens,
+        block_table, block_table.stride(0), query_start_loc, seq_lens, window or 0,
         e8p_packed_table(device), res8_flat_table(device),
         scale * LOG2E, stage2_step(k_bits), stage2_step(v_bits),
         GROUP_SIZE=group, BLOCK_M=block_m, D=head_dim, BLOCK_N=block_n,
         PAGE=page, KV_BITS=16 if fmt is None else 0, K_BITS=k_bits, V_BITS=v_bits,
         V_OFF=fmt.k_code_bytes if fmt else 0, KS_OFF=fmt.k_scale_offset if fmt else 0,
-        VS_OFF=fmt.v_scale_offset if fmt else 0, **params.kwargs(),
+        VS_OFF=fmt.v_scale_offset if fmt else 0, WINDOWED=window is not None, **params.kwargs(),
     )
     result = out_rot if rotated else out_rot @ rot.T
     if out is None:

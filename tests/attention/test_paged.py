@@ -10,14 +10,19 @@ from nexusquant_vllm.attention.paged import NULL_BLOCK_ID, attend, plan_groups
 H_KV, G, D, BS = 2, 3, 16, 4
 
 
-def _reference(q, k_ctx, v_ctx, k_new, v_new, ctx_keep, scale):
+def _reference(q, k_ctx, v_ctx, k_new, v_new, ctx_keep, scale, window=None):
     """One request: q [Q, Hq, D]; context [L, Hk, D] with keep-mask [L]; new tokens [Q, Hk, D], causal (None: the
-    context alone; nothing to attend to gives zeros)."""
+    context alone; nothing to attend to gives zeros); ``window``: query i (position L + i) sees positions p with
+    L + i - p < window only."""
     outs = []
+    length = k_ctx.shape[0]
     for i in range(q.shape[0]):
-        k, v = k_ctx[ctx_keep], v_ctx[ctx_keep]
+        first = 0 if window is None else max(length + i - window + 1, 0)  # the first position query i sees
+        keep = ctx_keep & (torch.arange(length) >= first)
+        k, v = k_ctx[keep], v_ctx[keep]
         if k_new is not None:
-            k, v = torch.cat([k, k_new[: i + 1]]), torch.cat([v, v_new[: i + 1]])
+            lo = max(first - length, 0)
+            k, v = torch.cat([k, k_new[lo : i + 1]]), torch.cat([v, v_new[lo : i + 1]])
         if k.shape[0] == 0:
             outs.append(torch.zeros_like(q[i]))
             continue
@@ -28,10 +33,11 @@ def _reference(q, k_ctx, v_ctx, k_new, v_new, ctx_keep, scale):
     return torch.stack(outs)
 
 
+@pytest.mark.parametrize("window", [None, 1, 3, 6], ids=["full", "window-1", "window-3", "window-6"])
 @pytest.mark.parametrize("query_tile", [128, 2], ids=["one-tile", "tiles-of-2"])
 @pytest.mark.parametrize("raw_tokens", [True, False], ids=["with-raw-kv", "context-only"])
 @pytest.mark.parametrize("q_lens,cached_lens", [([1, 1, 1], [5, 0, 9]), ([3, 1, 6, 2], [0, 7, 4, 10])])
-def test_attend_matches_reference_with_null_block_holes(q_lens, cached_lens, raw_tokens, query_tile):
+def test_attend_matches_reference_with_null_block_holes(q_lens, cached_lens, raw_tokens, query_tile, window):
     torch.manual_seed(0)
     num_blocks = 40
     pages = torch.randn(num_blocks, H_KV, BS, 2 * D)
@@ -53,7 +59,7 @@ def test_attend_matches_reference_with_null_block_holes(q_lens, cached_lens, raw
         key = value = None
     out = torch.full((t, H_KV * G, D), float("nan"))
     attend(query, key, value, plan_groups(qsl, seq_lens, block_table, BS), DensePages(D).reader(pages), scale, out,
-           query_tile)
+           query_tile, window)
 
     for r, (c, ql) in enumerate(zip(cached_lens, q_lens)):
         s, e = int(qsl[r]), int(qsl[r + 1])
@@ -61,14 +67,16 @@ def test_attend_matches_reference_with_null_block_holes(q_lens, cached_lens, raw
         ctx = pages[block_table[r, :n_blk]].permute(0, 2, 1, 3).reshape(-1, H_KV, 2 * D)[:c]
         keep = (block_table[r, :n_blk] != NULL_BLOCK_ID).repeat_interleave(BS)[:c]
         new = (key[s:e], value[s:e]) if raw_tokens else (None, None)
-        ref = _reference(query[s:e], ctx[..., :D], ctx[..., D:], *new, keep, scale)
+        ref = _reference(query[s:e], ctx[..., :D], ctx[..., D:], *new, keep, scale, window)
         torch.testing.assert_close(out[s:e], ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 2, 5], ids=["full", "window-2", "window-5"])
 @pytest.mark.parametrize("q_lens,cached_lens", [([3, 6, 2, 5], [0, 7, 4, 10]), ([9, 2], [13, 0])])
-def test_native_prefill_rows_match_attend(q_lens, cached_lens):
+def test_native_prefill_rows_match_attend(q_lens, cached_lens, window):
     """The native CPU path's prefill rows (torch's flash kernel, merged by log-sum-exp) equal ``attend``: holes, a
-    context that is all holes, a partial last block whose stale tail is NaN, first chunks and continuation chunks."""
+    context that is all holes, a partial last block whose stale tail is NaN, first chunks and continuation chunks,
+    sliding windows that leave some queries no cached position."""
     torch.manual_seed(1)
     pages = torch.randn(40, H_KV, BS, 2 * D)
     pages[NULL_BLOCK_ID] = float("nan")
@@ -86,7 +94,7 @@ def test_native_prefill_rows_match_attend(q_lens, cached_lens):
     query, key, value = torch.randn(t, H_KV * G, D), torch.randn(t, H_KV, D), torch.randn(t, H_KV, D)
     (grp,) = plan_groups(qsl, seq_lens, block_table, BS)
     reader = DensePages(D).reader(pages)
-    want = attend(query, key, value, [grp], reader, D**-0.5, torch.zeros(t, H_KV * G, D))
+    want = attend(query, key, value, [grp], reader, D**-0.5, torch.zeros(t, H_KV * G, D), window=window)
     got = torch.full((t, H_KV * G, D), float("nan"))
-    prefill_rows(query, key, value, grp, reader, D**-0.5, got)
+    prefill_rows(query, key, value, grp, reader, D**-0.5, got, window)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -54,13 +54,15 @@ def path_and_device(request):
     return TritonPath, request.getfixturevalue("device")
 
 
+@pytest.mark.parametrize("window", [None, 7, 24], ids=["full", "window-7", "window-24"])
 @pytest.mark.parametrize("name", ["e8-k3v2", "e8-k4v4", None], ids=["e8-k3v2", "e8-k4v4", "dense"])
 @pytest.mark.parametrize("query_lens", [(1, 1, 1), (1, 5, 3)], ids=["decode", "mixed"])
-def test_every_path_matches_the_torch_path(name, query_lens, path_and_device):
+def test_every_path_matches_the_torch_path(name, query_lens, window, path_and_device):
+    """Sliding windows of less than a page and of more than one, over contexts of 1-4 pages with a hole."""
     path_cls, device = path_and_device
     gen = torch.Generator().manual_seed(0)
     kind = LayerKind(name or "e8-k3v2", name is not None, D, HQ, HK)
-    reference, path = TorchPath(kind.pages(), SCALE), path_cls(kind.pages(), SCALE)
+    reference, path = TorchPath(kind.pages(), SCALE, window), path_cls(kind.pages(), SCALE, window)
     seq_lens = torch.tensor([20, 61, 40])
     q_lens = torch.tensor(query_lens)
     cached = seq_lens - q_lens
