@@ -6,7 +6,7 @@ from nexusquant_vllm.config import NexusQuantConfig
 
 
 def test_defaults_and_environment():
-    assert NexusQuantConfig.from_env({}) == NexusQuantConfig("auto", "2", "e8-k4v4", "", False)
+    assert NexusQuantConfig.from_env({}) == NexusQuantConfig("auto", "auto", "e8-k4v4", "", False)
     config = NexusQuantConfig.from_env({"NEXUSQUANT_ATTENTION": "torch", "NEXUSQUANT_PROTECT_LAYERS": "none",
                                         "NEXUSQUANT_PROTECT_FORMAT": "e8-k4v4", "NEXUSQUANT_EVICTION": "balanced",
                                         "NEXUSQUANT_BENCH_SCALAR": "1"})

@@ -43,6 +43,19 @@ FAMILIES: dict[str, dict[str, Any]] = {
         architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_size=384, num_attention_heads=4,
         num_key_value_heads=4, rope_theta=10000.0, sliding_window=None, pad_token_id=0,
     ),
+    # Gemma 3: head_dim 256, one KV head, QK-norm, sliding-window layers interleaved with a global one (5:1 in the
+    # real models, each with its own RoPE base); the window is shorter than the test's prompt.
+    "gemma3": dict(
+        architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", num_attention_heads=4, num_key_value_heads=1,
+        head_dim=256, query_pre_attn_scalar=256, sliding_window=64, rope_theta=1000000.0,
+        rope_local_base_freq=10000.0, layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        hidden_activation="gelu_pytorch_tanh",
+    ),
+    # Mistral 7B v0.1: a sliding window in every layer, head_dim 128, GQA 4.
+    "mistral": dict(
+        architectures=["MistralForCausalLM"], model_type="mistral", num_attention_heads=8, num_key_value_heads=2,
+        head_dim=128, rope_theta=10000.0, sliding_window=64,
+    ),
 }
 
 

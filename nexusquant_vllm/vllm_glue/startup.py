@@ -22,6 +22,7 @@ from nexusquant_vllm.config import ADDITIONAL_CONFIG_KEY, NexusQuantConfig, pars
 from nexusquant_vllm.dtypes import DEFAULT_DTYPE, E8_DTYPES, SCALAR_PREFIX, get_format, is_served
 
 SUPPORTED_MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SINK_MODEL_TYPES = ("gpt_oss",)  # learned per-head attention sinks (vLLM hands them to the backend as ``sinks``)
 
 
 def _logger():
@@ -58,6 +59,29 @@ def run_dtype(vllm_config) -> str:
     return vllm_config.cache_config.cache_dtype if vllm_config is not None else DEFAULT_DTYPE
 
 
+def _layer_types(model_config) -> list[str]:
+    return [str(t) for t in getattr(model_config.hf_text_config, "layer_types", None) or []]
+
+
+def has_sliding_window(model_config) -> bool:
+    """Whether any attention layer of the model attends over a sliding window."""
+    return model_config.get_sliding_window() is not None or any("sliding" in t for t in _layer_types(model_config))
+
+
+def mixes_windows(model_config) -> bool:
+    """Whether the model has sliding-window layers beside global ones (Gemma 2/3, GPT-OSS): vLLM then puts its
+    layers in several KV-cache groups of one page size."""
+    kinds = {"sliding" in t for t in _layer_types(model_config)}
+    return kinds == {True, False}
+
+
+def protected_layers(vllm_config) -> list[int]:
+    """The protected layers of an e8 run (``protect_layers`` of its configuration, resolved for this model)."""
+    model_config = vllm_config.model_config
+    return parse_protect_layers(run_config(vllm_config).protect_layers, model_config.hf_text_config.num_hidden_layers,
+                                mixes_windows(model_config))
+
+
 def check_model(model_config) -> None:
     """One clear error for every model the e8 cache cannot serve (raised before the engine starts)."""
     problems = []
@@ -70,10 +94,11 @@ def check_model(model_config) -> None:
         problems.append(f"model dtype {model_config.dtype} is not supported (use float16, bfloat16 or float32)")
     if getattr(model_config, "is_hybrid", False):
         problems.append("hybrid models (attention + Mamba/linear attention) are not supported")
-    window = model_config.get_sliding_window()
-    layer_types = getattr(model_config.hf_text_config, "layer_types", None) or []
-    if window is not None or any("sliding" in str(t) for t in layer_types):
-        problems.append("sliding-window attention layers are not supported (refused rather than silently skipped)")
+    text_config = model_config.hf_text_config
+    if getattr(text_config, "attn_logit_softcapping", None):
+        problems.append("attention logit soft-capping (Gemma 2) is not supported")
+    if getattr(text_config, "model_type", None) in SINK_MODEL_TYPES:
+        problems.append("attention sinks (GPT-OSS) are not supported")
     if problems:
         raise ValueError("nexusquant e8 KV cache cannot serve this model: " + "; ".join(problems)
                          + ". Serve it with --kv-cache-dtype auto or fp8")
@@ -93,20 +118,20 @@ def before_engine_config(engine_args) -> None:
 
 
 def after_engine_config(engine_args, vllm_config) -> None:
-    from nexusquant_vllm.vllm_glue.offload.params import check_engine_config
+    from nexusquant_vllm.vllm_glue.eviction import params as eviction
+    from nexusquant_vllm.vllm_glue.offload import params as offload
 
-    check_engine_config(vllm_config)
+    eviction.check_engine_config(vllm_config)
+    offload.check_engine_config(vllm_config)
     cache_config = vllm_config.cache_config
     if not is_served(cache_config.cache_dtype):
         return
-    model_config = vllm_config.model_config
-    check_model(model_config)
+    check_model(vllm_config.model_config)
     config = run_config(vllm_config)
     if config.protect_format != "auto":
         return  # protected_layer_dtype gives those layers their e8 format
-    layers = parse_protect_layers(config.protect_layers, model_config.hf_text_config.num_hidden_layers)
     cache_config.kv_cache_dtype_skip_layers = sorted(
-        set(cache_config.kv_cache_dtype_skip_layers) | {str(i) for i in layers}
+        set(cache_config.kv_cache_dtype_skip_layers) | {str(i) for i in protected_layers(vllm_config)}
     )
 
 
@@ -132,7 +157,7 @@ def layer_dtypes(vllm_config) -> list[str]:
     config = run_config(vllm_config)
     num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
     skipped = {int(s) for s in cache_config.kv_cache_dtype_skip_layers if s.isdigit()}
-    protected = set(parse_protect_layers(config.protect_layers, num_layers)) if config.protect_format != "auto" else set()
+    protected = set(protected_layers(vllm_config)) if config.protect_format != "auto" else set()
     return ["auto" if i in skipped else config.protect_format if i in protected else cache_config.cache_dtype
             for i in range(num_layers)]
 
@@ -161,14 +186,21 @@ def check_worker_layers(runner, specs: dict) -> None:
 
 
 def kv_budget(specs: dict, model_dtype: torch.dtype) -> dict:
-    """Bytes per token over all layers with these specs, and vs a cache where every layer is in the model dtype."""
+    """Bytes per token over all layers with these specs, and vs a cache where every layer is in the model dtype.
+
+    A model that mixes attention types (sliding-window and global layers) gets one page size from vLLM, the largest:
+    a layer whose page divides it keeps its bytes per token (vLLM enlarges its block size), any other is padded
+    (``unify_kv_cache_spec_page_size``); the padding is counted."""
     attn = [s for s in specs.values() if hasattr(s, "page_size_bytes") and hasattr(s, "head_size")]
-    bytes_per_token = sum(s.page_size_bytes / s.block_size for s in attn)
+    pages = [s.page_size_bytes for s in attn]
+    if len({type(s) for s in attn}) > 1:
+        pages = [p if max(pages) % p == 0 else max(pages) for p in pages]
+    bytes_per_token = sum(p / s.block_size for p, s in zip(pages, attn))
     elem = torch.tensor([], dtype=model_dtype).element_size()
     dense = sum(s.num_kv_heads * (s.head_size + s.head_size_v) * elem for s in attn)
     padding = sum(
-        (s.page_size_bytes - s.num_heads * s.block_size * s.state_content_bytes) / s.block_size
-        for s in attn
+        (p - s.num_heads * s.block_size * s.state_content_bytes) / s.block_size
+        for p, s in zip(pages, attn)
         if s.state_content_bytes is not None
     )
     return {

@@ -78,22 +78,41 @@ def test_head_dim_not_multiple_of_8(tmp_path, model_path):
         _engine_config(_fake_model(tmp_path, model_path, "hd60", head_dim=60))
 
 
-def test_sliding_window_refused(tmp_path, model_path):
+def _engine_config_with(model: str, **kwargs):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=model, kv_cache_dtype="e8-k3v2", max_model_len=512, **kwargs).create_engine_config()
+
+
+def test_sliding_window_models_are_served_but_not_evicted(tmp_path, model_path):
+    """Sliding-window layers are served (the window applied in every attention path); eviction, whose compaction
+    moves tokens to other positions, is refused for such a model."""
+    from nexusquant_vllm.vllm_glue.eviction.params import kv_transfer_config
+
     model = _fake_model(tmp_path, model_path, "swa", model_type="mistral", architectures=["MistralForCausalLM"],
                         sliding_window=256)
-    with pytest.raises(ValueError, match="sliding-window attention layers are not supported"):
-        _engine_config(model)
+    assert _engine_config(model).model_config.get_sliding_window() == 256
+    with pytest.raises(ValueError, match=r"eviction cannot serve a model with sliding-window attention layers"):
+        _engine_config_with(model, kv_transfer_config=kv_transfer_config("balanced"))
 
 
-@pytest.mark.parametrize("name, overrides", [
-    ("gemma3", dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], head_dim=256, sliding_window=512,
-                    layer_types=["sliding_attention"] * 5 + ["full_attention"] * 25)),
+def test_interleaved_sliding_window_model_is_accepted(tmp_path, model_path):
+    model = _fake_model(tmp_path, model_path, "gemma3", model_type="gemma3_text", architectures=["Gemma3ForCausalLM"],
+                        head_dim=256, sliding_window=512, layer_types=["sliding_attention"] * 5 + ["full_attention"] * 25)
+    assert _engine_config(model).cache_config.cache_dtype == "e8-k3v2"
+
+
+@pytest.mark.parametrize("name, overrides, feature", [
     ("gpt-oss", dict(model_type="gpt_oss", architectures=["GptOssForCausalLM"], sliding_window=128,
                      layer_types=["sliding_attention", "full_attention"] * 15, num_local_experts=4,
-                     num_experts_per_tok=2, head_dim=64)),
+                     num_experts_per_tok=2, head_dim=64), "attention sinks"),
+    ("gemma2", dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], head_dim=64, sliding_window=256,
+                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=64),
+     "attention logit soft-capping"),
 ])
-def test_interleaved_sliding_window_families_refused_naming_the_alternative(tmp_path, model_path, name, overrides):
-    with pytest.raises(ValueError, match=r"sliding-window attention layers are not supported.*--kv-cache-dtype auto"):
+def test_families_with_unsupported_attention_refused_naming_the_alternative(tmp_path, model_path, name, overrides,
+                                                                             feature):
+    with pytest.raises(ValueError, match=rf"{feature} .*not supported.*--kv-cache-dtype auto"):
         _engine_config(_fake_model(tmp_path, model_path, name, **overrides))
 
 
@@ -123,15 +142,16 @@ def test_every_problem_of_a_model_in_one_error():
 
     cfg = types.SimpleNamespace(
         use_mla=True, dtype=torch.bfloat16, is_hybrid=True, get_head_size=lambda: 100,
-        get_sliding_window=lambda: 4096, hf_text_config=types.SimpleNamespace(layer_types=None),
+        get_sliding_window=lambda: 4096,
+        hf_text_config=types.SimpleNamespace(layer_types=None, attn_logit_softcapping=50.0, model_type="gpt_oss"),
     )
     with pytest.raises(ValueError) as error:
         check_model(cfg)
     assert str(error.value) == (
         "nexusquant e8 KV cache cannot serve this model: MLA attention (compressed latent KV) is not supported; use a "
         "model with standard attention; head_dim 100 is not a multiple of 8 (E8 codes 8-element groups); hybrid models "
-        "(attention + Mamba/linear attention) are not supported; sliding-window attention layers are not supported "
-        "(refused rather than silently skipped). Serve it with --kv-cache-dtype auto or fp8"
+        "(attention + Mamba/linear attention) are not supported; attention logit soft-capping (Gemma 2) is not "
+        "supported; attention sinks (GPT-OSS) are not supported. Serve it with --kv-cache-dtype auto or fp8"
     )
 
 
@@ -143,6 +163,9 @@ def test_protected_layer_syntax():
     assert parse_protect_layers("0,5,29", 30) == [0, 5, 29]
     assert parse_protect_layers("7,", 30) == [7]
     assert parse_protect_layers("9", 4) == [0, 1, 2, 3]
+    assert parse_protect_layers("auto", 30) == [0, 1, 28, 29]
+    assert parse_protect_layers("auto", 30, mixed_windows=True) == []  # one page size for all: no protection
+    assert parse_protect_layers("2", 30, mixed_windows=True) == [0, 1, 28, 29]  # an explicit choice is applied
     with pytest.raises(ValueError, match="NEXUSQUANT_PROTECT_LAYERS"):
         parse_protect_layers("first-two", 30)
     with pytest.raises(ValueError, match="out of range"):

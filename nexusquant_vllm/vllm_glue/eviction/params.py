@@ -80,6 +80,23 @@ def configure_engine_args(engine_args, default: str) -> None:
     )
 
 
+def check_engine_config(vllm_config) -> None:
+    """One clear error, where the engine config is built, for eviction on a model with sliding-window layers: a
+    window is read by position in the block table, and compaction moves kept tokens to other positions."""
+    from nexusquant_vllm.vllm_glue import compat
+    from nexusquant_vllm.vllm_glue.startup import has_sliding_window
+
+    transfer = vllm_config.kv_transfer_config
+    if transfer is None or CONNECTOR_NAME not in [e.get("kv_connector") for e in compat.connector_entries(transfer)]:
+        return
+    if has_sliding_window(vllm_config.model_config):
+        raise ValueError(
+            "nexusquant eviction cannot serve a model with sliding-window attention layers (compaction moves kept "
+            "tokens to other positions, and a window is read by position); drop the eviction connector "
+            "(NEXUSQUANT_EVICTION / --kv-transfer-config) for this model"
+        )
+
+
 def validate_extra_arg(key: object, value: object) -> None:
     """Raise ``ValueError`` naming the field for an invalid ``nq_eviction`` / ``nq_eviction_protect`` /
     ``nq_eviction_at`` entry of ``extra_args``, or an unknown ``nq_*`` key: the prefix is ours, so a misspelt key
