@@ -1,9 +1,11 @@
 """What every benchmark shares: the model, the corpus as token chunks, Q/K/V as attention sees them, result files."""
 
+import contextlib
 import functools
 import math
+import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -17,7 +19,7 @@ from benchmarks.results_io import RESULTS_DIR, write_results
 from nexusquant_vllm.model_store import smollm2_path
 
 __all__ = [
-    "QKV", "RESULTS_DIR", "capture_qkv", "corpus_token_chunks", "load_corpus_text", "paired_delta",
+    "QKV", "RESULTS_DIR", "capture_qkv", "corpus_token_chunks", "environment", "load_corpus_text", "paired_delta",
     "kv_capacity_tokens", "parse_serve_config", "passkey_prompts", "shutdown_llm", "smollm2_path", "write_results",
 ]
 
@@ -91,6 +93,19 @@ def recording_sdpa(
     """transformers' sdpa attention, after keeping its inputs on the attention module as `captured_qkv`."""
     module.captured_qkv = (query, key, value)
     return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def environment(**values: str | None) -> Iterator[None]:
+    """Temporarily set (or, with None, unset) environment variables."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def shutdown_llm(llm) -> None:

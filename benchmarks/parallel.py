@@ -97,17 +97,12 @@ def engine_args(config: Config, chunk: int = PROMPT_TOKENS) -> dict:
 @contextlib.contextmanager
 def environment(config: Config):
     """One core per rank; callables for ``collective_rpc``; a small KV pool."""
-    values = {"VLLM_CPU_OMP_THREADS_BIND": "0|1" if config.world > 1 else None,
-              "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-              "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    saved = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    from benchmarks.common import environment as setting
+
+    with setting(VLLM_CPU_OMP_THREADS_BIND="0|1" if config.world > 1 else None, VLLM_ALLOW_INSECURE_SERIALIZATION="1",
+                 VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                 VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")):
         yield
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def serve(config: Config, token_chunks: list[list[int]], rates: tuple[float, ...] = (RATE,),

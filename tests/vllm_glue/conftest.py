@@ -8,14 +8,17 @@ import os
 
 import pytest
 
+from benchmarks.common import environment as env
+from benchmarks.common import kv_capacity_tokens
+
 MAX_MODEL_LEN = 1024
 KV_SPACE_GIB = "1"
 
 
 def _model_path() -> str:
-    env = os.environ.get("NEXUSQUANT_TEST_MODEL")
-    if env:
-        return env
+    path = os.environ.get("NEXUSQUANT_TEST_MODEL")
+    if path:
+        return path
     from nexusquant_vllm.model_store import smollm2_path
 
     return str(smollm2_path())
@@ -24,25 +27,6 @@ def _model_path() -> str:
 @pytest.fixture(scope="session")
 def model_path() -> str:
     return _model_path()
-
-
-@contextlib.contextmanager
-def env(**values: str | None):
-    """Temporarily set (or, with None, unset) environment variables."""
-    saved = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -66,12 +50,6 @@ def make_llm(model: str, kv_cache_dtype: str, protect: str | None = None, in_pro
             llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
-
-
-def kv_capacity_tokens(llm) -> int:
-    """vLLM's KV-cache token capacity for this engine (blocks x block size)."""
-    cache_config = llm.llm_engine.vllm_config.cache_config
-    return cache_config.num_gpu_blocks * cache_config.block_size
 
 
 @pytest.fixture(scope="session")
