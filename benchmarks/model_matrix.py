@@ -6,8 +6,9 @@ Every engine prefills the same 320-token prompt in chunks of 128 tokens with pre
 read the earlier ones from the pages (and, with a 64-token sliding window, vLLM frees the blocks that leave it).
 Reported per family and dtype: vLLM's KV capacity against ``auto``'s and the format's own ratio, the mean and the
 largest |Δ log-probability| of the prompt's tokens against ``auto`` (plumbing and numerics, not quality: random
-weights amplify any KV error), and whether a repeat of the prompt hits the prefix cache and decodes. The ``default``
-row serves the family with the default protection (``protect_layers`` auto) instead of none.
+weights amplify any KV error), and whether a repeat of the prompt hits the prefix cache and decodes. A third row
+serves e8-k3v2 with the default protection (``protect_layers`` auto) instead of none: on these 4-layer models that is
+every layer in e8-k4v4 (the first and last 2), except where sliding-window and global layers mix (Gemma 3: none).
 
     python -m benchmarks.model_matrix [--families llama3,gemma3] [--name model_matrix]
 """
@@ -91,7 +92,8 @@ def run(families: list[str]) -> list[dict]:
         auto = serve(model, "auto")
         for dtype in DTYPES:
             rows.append(compare(family, dtype, auto, serve(model, dtype)))
-        rows.append({**compare(family, "e8-k3v2", auto, serve(model, "e8-k3v2", protect=None)), "dtype": "default"})
+        default = compare(family, "e8-k3v2", auto, serve(model, "e8-k3v2", protect=None))
+        rows.append({**default, "dtype": "e8-k3v2, default protection", "format_ratio": None})
     return rows
 
 
@@ -99,8 +101,9 @@ def table(rows: list[dict]) -> str:
     lines = ["| family | head_dim | dtype | capacity vs auto (format) | mean / max abs Δ logprob vs auto | prefix hit |",
              "|---|---|---|---|---|---|"]
     for r in rows:
+        fmt = "-" if r["format_ratio"] is None else f"{r['format_ratio']:.2f}x"
         lines.append(f"| {r['family']} | {r['head_dim']} | {r['dtype']} | {r['capacity_ratio']:.2f}x "
-                     f"({r['format_ratio']:.2f}x) | {r['mean_abs_dlogprob']:.3f} / {r['max_abs_dlogprob']:.2f} | "
+                     f"({fmt}) | {r['mean_abs_dlogprob']:.3f} / {r['max_abs_dlogprob']:.2f} | "
                      f"{r['prefix_hit_tokens']} tokens, {r['decoded']} decoded |")
     return "\n".join(lines)
 
