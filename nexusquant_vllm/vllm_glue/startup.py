@@ -59,20 +59,29 @@ def run_dtype(vllm_config) -> str:
     return vllm_config.cache_config.cache_dtype if vllm_config is not None else DEFAULT_DTYPE
 
 
-def _layer_types(model_config) -> list[str]:
-    return [str(t) for t in getattr(model_config.hf_text_config, "layer_types", None) or []]
+def _windowed_layers(model_config) -> set[bool]:
+    """Whether the model's layers attend over a sliding window: {True}, {False} or both."""
+    layer_types = getattr(model_config.hf_text_config, "layer_types", None)
+    if layer_types:
+        return {"sliding" in str(t) for t in layer_types}
+    return {model_config.get_sliding_window() is not None}
 
 
 def has_sliding_window(model_config) -> bool:
     """Whether any attention layer of the model attends over a sliding window."""
-    return model_config.get_sliding_window() is not None or any("sliding" in t for t in _layer_types(model_config))
+    return True in _windowed_layers(model_config)
 
 
 def mixes_windows(model_config) -> bool:
     """Whether the model has sliding-window layers beside global ones (Gemma 2/3, GPT-OSS): vLLM then puts its
     layers in several KV-cache groups of one page size."""
-    kinds = {"sliding" in t for t in _layer_types(model_config)}
-    return kinds == {True, False}
+    return _windowed_layers(model_config) == {True, False}
+
+
+def only_sliding_windows(model_config) -> bool:
+    """Whether every layer of the model attends over a sliding window (Mistral 7B v0.1): vLLM then frees each block
+    as it leaves the window, even with a KV connector installed."""
+    return _windowed_layers(model_config) == {True}
 
 
 def protected_layers(vllm_config) -> list[int]:

@@ -3,7 +3,8 @@
 A second engine started on the same directory gets prefix hits for what the first one served, with the greedy
 outputs of a prefix-cache hit in the first engine (the same pages, loaded from disk instead of kept in the pool);
 damaged, swapped, foreign and truncated records are recomputed, never loaded (the outputs of a cold run); eviction
-runs beside the tier in vLLM's MultiConnector, and blocks computed over its holes are never saved.
+runs beside the tier in vLLM's MultiConnector, and blocks computed over its holes are never saved; a model with
+sliding-window layers beside global ones restarts from disk too.
 """
 
 from __future__ import annotations
@@ -131,6 +132,23 @@ def test_eviction_beside_the_tier_never_saves_blocks_computed_over_holes(llm_fac
     with _engine(llm_factory, model_path, kv_transfer_config(ram_gb=0.05, disk_dir=tmp_path / "plain")) as llm:
         _generate(llm, [prompt], max_tokens=48)
     assert len(_records(tmp_path / "plain")) == (len(prompt) + 47) // BLOCK_SIZE  # without eviction: those too
+
+
+def test_a_model_with_sliding_window_layers_restarts_from_disk(llm_factory, prompts, tmp_path):
+    """Gemma 3's sliding-window layers beside a global one (a tiny random model): with a connector installed vLLM
+    keeps every block, so the tier stores every full prompt block and a restarted engine decodes from them as the first
+    engine did from its own prefix cache."""
+    from benchmarks.tiny_models import tiny_model
+
+    model = str(tiny_model("gemma3"))
+    config = kv_transfer_config(ram_gb=0.05, disk_dir=tmp_path)
+    with _engine(llm_factory, model, config) as llm:
+        _generate(llm, prompts)
+        warm, _ = _generate(llm, prompts)
+    assert len(_records(tmp_path)) >= sum(len(p) // BLOCK_SIZE for p in prompts)  # and blocks of the outputs
+    with _engine(llm_factory, model, config) as llm:
+        again, cached = _generate(llm, prompts)
+    assert cached == [_hit(p) for p in prompts] and again == warm
 
 
 def test_the_tier_needs_an_e8_dtype_recompute_on_load_failure_and_prefix_caching(llm_factory, model_path, tmp_path):

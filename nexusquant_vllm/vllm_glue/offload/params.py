@@ -27,7 +27,7 @@ from nexusquant_vllm.codec.format import CODEC_VERSION, E8_DTYPES
 from nexusquant_vllm.offload.record import DEFAULT_TRANSFORMS, check_transforms, namespace
 from nexusquant_vllm.vllm_glue import compat
 from nexusquant_vllm.vllm_glue.eviction import params as eviction_params
-from nexusquant_vllm.vllm_glue.startup import layer_dtypes
+from nexusquant_vllm.vllm_glue.startup import layer_dtypes, only_sliding_windows
 
 CONNECTOR_NAME = "NQOffloadConnector"
 CONNECTOR_MODULE = "nexusquant_vllm.vllm_glue.offload.connector"
@@ -40,6 +40,11 @@ RECOMPUTE_NEEDED = (
 PREFIX_CACHING_NEEDED = (
     "the nexusquant offload tier serves prefix hits keyed by vLLM's prefix-cache block hashes: it needs prefix "
     "caching on (drop --no-enable-prefix-caching)"
+)
+SLIDING_WINDOWS_ONLY = (
+    "the nexusquant offload tier cannot serve a model whose every layer has a sliding window: vLLM frees each block "
+    "as it leaves the window, before the tier can store it, so the tier would serve no hit; serve this model without "
+    "the tier"
 )
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
@@ -118,6 +123,8 @@ def check_engine_config(vllm_config) -> None:
         if entry.get("kv_connector") != CONNECTOR_NAME:
             continue
         check_dtype(vllm_config.cache_config.cache_dtype)
+        if only_sliding_windows(vllm_config.model_config):
+            raise ValueError(SLIDING_WINDOWS_ONLY)
         if "recompute" != transfer.kv_load_failure_policy or "recompute" != entry.get("kv_load_failure_policy"):
             raise ValueError(RECOMPUTE_NEEDED)
         if not vllm_config.cache_config.enable_prefix_caching:
