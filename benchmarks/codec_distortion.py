@@ -6,6 +6,7 @@ Measures (each with the same Hadamard rotation and one fp16 scale per vector, le
 - relative MSE  = sum |x - x^|^2 / sum |x|^2  at 2/3/4 bits, for E8, uniform (optimal clipping) and Lloyd-Max
   scalar quantization, on N(0, 1) vectors and on SmolLM2's real keys and values (benchmark corpus);
 - the error of q·k on real queries and keys (relative MSE of the attention logits);
+- the E8 relative MSE against head_dim (64, 80, 96, 128) on real keys (:func:`head_dim_rows`);
 - the scale rule (rms x c search scale with/without the least-squares refit, max-abs) and the random sign diagonal;
 - the honest bytes per token per head of every e8 dtype; encode (torch and native CPU encoders) and decode
   throughput on this CPU.
@@ -27,6 +28,7 @@ from nexusquant_vllm.codec.quantizer import dequantize, quantize
 from nexusquant_vllm.codec.scalar import SCALAR_KINDS, scalar_dequantize, scalar_quantize
 
 BITS = (2, 3, 4)
+HEAD_DIMS = (64, 80, 96, 128)  # 80 and 96 (Phi-3) take the block-diagonal rotation (64 + 16, 64 + 32)
 TARGET_GAIN = {2: 0.20, 3: 0.10, 4: 0.10}  # required relative-MSE reduction of E8 vs the best scalar quantizer
 
 
@@ -55,6 +57,19 @@ def quantizer_rows(name: str, x: torch.Tensor) -> list[dict]:
         rows.append(
             dict(data=name, bits=bits, e8=e8, **scalar, gain_vs_best_scalar=gain, meets_target=gain >= TARGET_GAIN[bits])
         )
+    return rows
+
+
+def head_dim_rows(keys: torch.Tensor, vectors: int) -> list[dict]:
+    """E8 relative MSE against head_dim on real keys ``[layers, kv_heads, tokens, 64]``: the KV heads of one token
+    and layer side by side (192 channels, each head with its own outlier channels), cut to the first ``d``. A
+    head_dim that is not a power of two is rotated block-diagonally, so its outliers spread over fewer channels."""
+    side_by_side = keys.permute(0, 2, 1, 3).flatten(2).flatten(0, 1)  # [layers * tokens, kv_heads * 64]
+    sample = torch.randperm(side_by_side.shape[0], generator=torch.Generator().manual_seed(1))[:vectors]
+    rows = []
+    for d in HEAD_DIMS:
+        x_rot = rotate(side_by_side[sample, :d])
+        rows += [{"head_dim": d, "bits": bits, "e8": rel_mse(e8_roundtrip(x_rot, bits), x_rot)} for bits in BITS]
     return rows
 
 
@@ -167,6 +182,10 @@ def markdown(payload: dict) -> str:
         )
     lines += ["", "| q·k logits, real Q/K: bits | E8 rel. MSE | uniform | Lloyd-Max |", "|---|---|---|---|"]
     lines += [f"| {r['bits']} | {r['e8']:.4f} | {r['uniform']:.4f} | {r['lloydmax']:.4f} |" for r in payload["logits"]]
+    lines += ["", "| E8 rel. MSE, real K, bits | " + " | ".join(f"head_dim {d}" for d in HEAD_DIMS) + " |",
+              "|---|" + "---|" * len(HEAD_DIMS)]
+    lines += [f"| {bits} | " + " | ".join(f"{r['e8']:.4f}" for r in payload["head_dims"] if r["bits"] == bits) + " |"
+              for bits in BITS]
     lines += [
         "",
         "| scale rule (real K), bits | rms·c search + LS refit (used) | rms·c search, no refit | max-abs (best c) | "
@@ -238,6 +257,7 @@ def main() -> None:
         distortion=quantizer_rows("gaussian", gaussian) + quantizer_rows("real K", real_k)
         + quantizer_rows("real V", real_v),
         logits=logit_rows(logit_q, logit_k),
+        head_dims=head_dim_rows(keys, args.vectors),
         scale_rules=scale_rule_rows(real_k),
         bytes=byte_rows(),
         throughput=[throughput(d, e) for d in ("e8-k3v2", "e8-k2v2", "e8-k4v4") for e in ENCODERS],
