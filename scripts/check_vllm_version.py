@@ -77,7 +77,7 @@ def command_line() -> str:
 def backends() -> str:
     import torch
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 
     from nexusquant_vllm.codec.format import get_format
     from nexusquant_vllm.dtypes import E8_DTYPES
@@ -87,11 +87,14 @@ def backends() -> str:
     for name in E8_DTYPES:
         backend = backend_for(name)
         assert not inspect.isabstract(backend), backend.__abstractmethods__
+        assert backend.supports_sliding_window()
         for head_size in (64, 96, 128, 256):
             slot = get_format(name, head_size).slot_bytes
-            spec = FullAttentionSpec(block_size=32, num_kv_heads=4, head_size=head_size, dtype=torch.uint8)
-            assert backend.customize_spec(spec).page_size_bytes == 32 * 4 * slot, (name, head_size)
-    return "one class per dtype, no abstract method; page size = codec slot at head_dim 64/96/128/256"
+            common = dict(block_size=32, num_kv_heads=4, head_size=head_size, dtype=torch.uint8)
+            for spec in (FullAttentionSpec(**common), SlidingWindowSpec(**common, sliding_window=64)):
+                assert backend.customize_spec(spec).page_size_bytes == 32 * 4 * slot, (name, head_size, spec)
+    return ("one class per dtype, no abstract method, sliding windows supported; page size = codec slot at head_dim "
+            "64/96/128/256, full and sliding-window layers")
 
 
 @check
