@@ -388,9 +388,10 @@ VARIANTS.update(LAYER_HEAD_VARIANTS)
 
 def guard_scores(pre: Prefill) -> torch.Tensor:
     """[P]: the product's fact-guard scores (``collector.FOCUS``): per layer, the most any query head's last FOCUS
-    queries attend a token beyond that head's 32-query window mean, summed over layers."""
-    focus, window = per_head(pre, FOCUS), per_head(pre, WindowAttentionScorer().window)
-    return (focus - window).clamp(min=0).amax(1).sum(0)
+    queries attend a token beyond that head's 32-query window mean, summed over layers (``guard_scores.beyond``)."""
+    from benchmarks.research.guard_scores import beyond
+
+    return beyond(per_head(pre, FOCUS), per_head(pre, WindowAttentionScorer().window))
 
 
 # variant -> the variant whose scores it guards with ``compaction.fact_guard`` (what the product ships as
@@ -400,13 +401,18 @@ VARIANTS.update({name: VARIANTS[base] for name, base in GUARDED_VARIANTS.items()
 LAYER_HEAD_VARIANTS.update({name: VARIANTS[base] for name, base in GUARDED_VARIANTS.items()})
 
 
+def token_budget(tokens: int, rate: float) -> tuple[torch.Tensor, int]:
+    """The prefix positions a per-token choice may evict (outside the shipped policy's sinks and recent window) and
+    how many it evicts: as many as the policy's ``blocks_to_free`` frees at ``rate``."""
+    policy = EvictionPolicy(rate=rate, min_prompt_tokens=0)
+    eligible = torch.arange(policy.sink_blocks * BLOCK, tokens - policy.recent_tokens)
+    return eligible, len(blocks_to_free(torch.zeros(tokens), BLOCK, policy)) * BLOCK
+
+
 def guarded(scores: torch.Tensor, facts: torch.Tensor, rate: float) -> torch.Tensor:
     """``scores`` [L, Hk, P] with the fact guard's tokens at +inf, for the budget ``evicted_tokens_mask`` keeps at
     ``rate``."""
-    policy = EvictionPolicy(rate=rate, min_prompt_tokens=0)
-    tokens = scores.shape[-1]
-    eligible = torch.arange(policy.sink_blocks * BLOCK, tokens - policy.recent_tokens)
-    evicted = len(blocks_to_free(torch.zeros(tokens), BLOCK, policy)) * BLOCK
+    eligible, evicted = token_budget(scores.shape[-1], rate)
     guard = fact_guard(facts, eligible, eligible.numel() - evicted)
     out = scores.clone()
     out[..., eligible[guard]] = float("inf")
@@ -427,12 +433,9 @@ def evicted_mask(block_scores: torch.Tensor, tokens: int, rate: float) -> torch.
 def evicted_tokens_mask(token_scores: torch.Tensor, rate: float) -> torch.Tensor:
     """The lowest-scoring single prefix tokens, as many as ``evicted_mask`` frees, outside its sinks and window;
     along the last dimension of ``token_scores`` ([P], or [L, Hk, P] for a choice per layer and KV head)."""
-    tokens = token_scores.shape[-1]
-    policy = EvictionPolicy(rate=rate, min_prompt_tokens=0)
-    budget = len(blocks_to_free(torch.zeros(tokens), BLOCK, policy)) * BLOCK
-    eligible = token_scores.clone()
-    eligible[..., : policy.sink_blocks * BLOCK] = float("inf")
-    eligible[..., tokens - policy.recent_tokens :] = float("inf")
+    positions, budget = token_budget(token_scores.shape[-1], rate)
+    eligible = torch.full_like(token_scores, float("inf"))
+    eligible[..., positions] = token_scores[..., positions]
     mask = torch.zeros(token_scores.shape, dtype=torch.bool)
     mask.scatter_(-1, eligible.argsort(dim=-1, stable=True)[..., :budget], True)
     return mask

@@ -25,12 +25,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("number", "code", "name", "multi4", "multi4-all")
 
 
+def beyond(focus: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """``[P]`` from ``[L, Hq, P]`` mean attentions of a few last queries and of the whole window: per layer, the most
+    any head's last queries attend a token beyond its window's mean, summed over layers."""
+    return (focus - window).clamp(min=0).amax(1).sum(0)
+
+
 def candidates(probs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per candidate a score ``[P]`` from each layer's attention rows ``[Hq, 256, P]``."""
     mean = {w: torch.stack([p[:, -w:].mean(1) for p in probs]) for w in (1, 4, 8, 32)}  # [L, Hq, P]
     out = {f"max_w{w}": mean[w].amax(1).sum(0) for w in (1, 4, 8, 32)}
     out["mean_w32"] = mean[32].mean(1).sum(0)
-    out.update({f"c{f}_32": (mean[f] - mean[32]).clamp(min=0).amax(1).sum(0) for f in (1, 4, 8)})
+    out.update({f"c{f}_32": beyond(mean[f], mean[32]) for f in (1, 4, 8)})
     return out
 
 

@@ -148,6 +148,7 @@ class ScoreCollector:
             if self.head_scorer is not None:
                 per_head = self.head_scorer(PromptLayer(queries, chunks, req.num_prompt, attention, step.scale))
                 self.compactions.setdefault(req.req_id, []).append((step.kv_cache, per_head))
+            if self.head_scorer is not None and self.guard_share > 0:  # the same on every rank (one configuration)
                 facts = focus - attention if window > 2 * FOCUS else focus
                 facts = self.across_ranks(facts.clamp(min=0).amax(0), "max")
                 total = self.fact_scores.get(req.req_id)
