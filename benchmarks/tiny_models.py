@@ -51,6 +51,14 @@ FAMILIES: dict[str, dict[str, Any]] = {
         rope_local_base_freq=10000.0, layer_types=["sliding_attention"] * 3 + ["full_attention"],
         hidden_activation="gelu_pytorch_tanh",
     ),
+    # Gemma 2: logit soft-capping (50 in the real models; 2 here, where random weights' scaled scores reach it),
+    # head_dim 256, GQA 2, sliding-window layers alternating with global ones.
+    "gemma2": dict(
+        architectures=["Gemma2ForCausalLM"], model_type="gemma2", num_attention_heads=4, num_key_value_heads=2,
+        head_dim=256, query_pre_attn_scalar=256, sliding_window=64, attn_logit_softcapping=2.0,
+        final_logit_softcapping=30.0, rope_theta=10000.0, hidden_activation="gelu_pytorch_tanh",
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    ),
     # Mistral 7B v0.1: a sliding window in every layer, head_dim 128, GQA 4.
     "mistral": dict(
         architectures=["MistralForCausalLM"], model_type="mistral", num_attention_heads=8, num_key_value_heads=2,

@@ -211,10 +211,13 @@ NQ_INLINE void accumulate_pv(const float* p, const float* v, int d, int n, float
 }
 
 // Folds the n rows of the chunk into the accumulators of the gqa query heads.
-NQ_INLINE void fold_chunk(State& st, int gqa, int d, int n) {
+NQ_INLINE void fold_chunk(State& st, int gqa, int d, int n, float softcap) {
   const int padded = (n + kGroup - 1) / kGroup * kGroup;
   for (int j = 0; j < gqa; ++j) {
     chunk_scores(st, st.q + j * d, d, n, st.p);
+    if (softcap > 0.0f) {  // logit soft-capping (Gemma 2): s -> softcap * tanh(s / softcap)
+      for (int t = 0; t < n; ++t) st.p[t] = softcap * std::tanh(st.p[t] / softcap);
+    }
     float m = st.max[j];
     for (int t = 0; t < n; ++t) m = st.p[t] > m ? st.p[t] : m;
     const float correction = std::exp(st.max[j] - m);  // exp(-inf) = 0 on the first chunk
@@ -244,6 +247,7 @@ struct Problem {
   int64_t table_width;
   const int64_t* cached;  // [R] cached positions per request
   int64_t window;         // sliding window (the query at position p sees keys k with p - k < window); 0: none
+  float softcap;          // logit soft-capping of the scaled scores; 0: none
   int64_t num_kv_heads;
   int gqa, d;
   float scale;  // softmax scale
@@ -283,7 +287,7 @@ NQ_INLINE void attend_pairs(const Pages& pages, const Problem& pb, int64_t pair_
       for (int64_t first = start < begin ? begin - start : 0; first < in_block; first += kChunk) {
         const int n = static_cast<int>(in_block - first < kChunk ? in_block - first : kChunk);
         for (int t = 0; t < n; ++t) pages.read(base + (first + t) * pb.token_stride, st, t, d);
-        fold_chunk(st, gqa, d, n);
+        fold_chunk(st, gqa, d, n, pb.softcap);
       }
     }
     std::memcpy(st.k, pb.k_new + pair * d, sizeof(float) * d);  // the current token, raw
@@ -293,7 +297,7 @@ NQ_INLINE void attend_pairs(const Pages& pages, const Problem& pb, int64_t pair_
       nq::hadamard_rotate(st.v, d);
     }
     st.k_scale[0] = st.v_scale[0] = 1.0f;
-    fold_chunk(st, gqa, d, 1);
+    fold_chunk(st, gqa, d, 1, pb.softcap);
     float* oh = pb.out + pair * gqa * d;
     for (int j = 0; j < gqa; ++j) {
       for (int i = 0; i < d; ++i) oh[j * d + i] = st.acc[j * d + i] / st.sum[j];
@@ -332,18 +336,19 @@ extern "C" {
 // [R, Hk*gqa, d] float32 queries (in the pages' domain, or for E8 pages with rotate set in the model's domain);
 // k_new/v_new: [R, Hk, d] float32 K/V of the current token, same domain as q; cache: pages with byte strides
 // (block, head, token); block_table: int64 [R, table_width]; cached: int64 [R] cached tokens; window: a sliding
-// window (keys at positions >= cached - window + 1 only), 0 for none; out: [R, Hk*gqa, d] float32, same domain as q.
+// window (keys at positions >= cached - window + 1 only), 0 for none; softcap: logit soft-capping of the scaled
+// scores, 0 for none; out: [R, Hk*gqa, d] float32, same domain as q.
 
 // E8 pages, slot layout [K codes | V codes | K scale fp16 | V scale fp16]; tables: E8P patterns [256, 8], their sign
 // parity uint8 [256], RES8 points times 1/2 [256, 8].
 void nq_e8_decode_attention(const float* q, const float* k_new, const float* v_new, const uint8_t* cache,
                             int64_t block_stride, int64_t head_stride, int64_t token_stride, int block_size,
                             const int64_t* block_table, int64_t table_width, const int64_t* cached, int64_t window,
-                            int64_t num_kv_heads, int gqa, int d, float scale, int k_bits, int v_bits, const float* patterns,
+                            float softcap, int64_t num_kv_heads, int gqa, int d, float scale, int k_bits, int v_bits, const float* patterns,
                             const uint8_t* parity, const float* res8, int rotate, int64_t pairs, float* out,
                             int threads) {
   const Problem pb{q, k_new, v_new, cache, block_stride, head_stride, token_stride, block_size, block_table,
-                   table_width, cached, window, num_kv_heads, gqa, d, scale, out, rotate != 0};
+                   table_width, cached, window, softcap, num_kv_heads, gqa, d, scale, out, rotate != 0};
   const Codebooks cb{patterns, parity, res8};
   nq::parallel_rows(pairs, threads,
                     [&](int64_t begin, int64_t end) { attend_e8(cb, k_bits, v_bits, pb, begin, end); });
@@ -353,10 +358,11 @@ void nq_e8_decode_attention(const float* q, const float* k_new, const float* v_n
 void nq_dense_decode_attention(const float* q, const float* k_new, const float* v_new, const uint8_t* cache,
                                int64_t block_stride, int64_t head_stride, int64_t token_stride, int block_size,
                                const int64_t* block_table, int64_t table_width, const int64_t* cached,
-                               int64_t window, int64_t num_kv_heads, int gqa, int d, float scale, int dtype,
+                               int64_t window, float softcap, int64_t num_kv_heads, int gqa, int d, float scale,
+                               int dtype,
                                int64_t pairs, float* out, int threads) {
   const Problem pb{q, k_new, v_new, cache, block_stride, head_stride, token_stride, block_size, block_table,
-                   table_width, cached, window, num_kv_heads, gqa, d, scale, out, false};
+                   table_width, cached, window, softcap, num_kv_heads, gqa, d, scale, out, false};
   nq::parallel_rows(pairs, threads,
                     [&](int64_t begin, int64_t end) { attend_dense(dtype, pb, begin, end); });
 }

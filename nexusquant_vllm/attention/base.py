@@ -36,6 +36,7 @@ class AttentionPath(Protocol):
     pages: Pages
     scale: float
     window: int | None  # a sliding-window layer's window: query position p sees key positions k with p - k < window
+    softcap: float | None  # logit soft-capping: each scaled score s becomes softcap * tanh(s / softcap)
 
     @staticmethod
     def plan(batch: StepBatch) -> object: ...

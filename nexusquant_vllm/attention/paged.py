@@ -129,14 +129,15 @@ def attend(
     out: torch.Tensor,
     query_tile: int = QUERY_TILE,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention for every token of the batch; writes ``out`` [T, Hq, D] and returns it.
 
     ``query`` [T, Hq, D], ``key``/``value`` [T, Hk, D]: this step's raw tokens, in the same domain as the pages that
     ``read_pages`` returns (callers rotate both for E8 pages); ``key`` None: no raw tokens, each query attends to
     its cached context only (a row with nothing to attend to gets zeros). ``read_pages(ids)`` returns head-major
-    ``[Hk, n, block_size, D]`` K and V. ``window``: a sliding-window layer's window (``RequestGroup.mask_for``).
-    Computed in float32.
+    ``[Hk, n, block_size, D]`` K and V. ``window``: a sliding-window layer's window (``RequestGroup.mask_for``);
+    ``softcap``: logit soft-capping, each scaled score s becomes ``softcap * tanh(s / softcap)``. Computed in float32.
 
     Layout: head-major ``[Hk, R, ...]`` throughout, so that gathered pages are used as they come (no transpose
     copy), and the g = Hq/Hk query heads of one KV head are folded into the query axis (GQA without repeating K/V).
@@ -173,10 +174,10 @@ def attend(
             q_tile = q[:, :, :, rows].reshape(num_kv_heads, r, g * (last - first), head_dim)  # row = gi * T + i
             scores, values = [], []
             if context is not None:
-                scores.append(_masked_scores(q_tile, k_ctx, ctx_mask[:, rows], g))
+                scores.append(_masked_scores(q_tile, k_ctx, ctx_mask[:, rows], g, softcap))
                 values.append(v_ctx)
             if key is not None:
-                scores.append(_masked_scores(q_tile, k_new[:, :, :last], causal[:, rows, :last], g))
+                scores.append(_masked_scores(q_tile, k_new[:, :, :last], causal[:, rows, :last], g, softcap))
                 values.append(v_new[:, :, :last])
             p = torch.softmax(torch.cat(scores, dim=-1) if len(scores) > 1 else scores[0], dim=-1)
             if key is None:
@@ -192,9 +193,14 @@ def attend(
     return out
 
 
-def _masked_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, g: int) -> torch.Tensor:
-    """``q`` ``[Hk, R, g*T, D]`` against ``k`` ``[Hk, R, L, D]``, -inf where ``mask`` ``[R, T, L]`` is False."""
-    return torch.matmul(q, k.transpose(-1, -2)).masked_fill_(~_fold(mask, g), float("-inf"))
+def _masked_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, g: int, softcap: float | None = None
+                   ) -> torch.Tensor:
+    """``q`` ``[Hk, R, g*T, D]`` against ``k`` ``[Hk, R, L, D]``, soft-capped, -inf where ``mask`` ``[R, T, L]`` is
+    False."""
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    if softcap is not None:
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
+    return scores.masked_fill_(~_fold(mask, g), float("-inf"))
 
 
 def _fold(mask: torch.Tensor, g: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ class TorchPath:
     pages: Pages
     scale: float
     window: int | None = None  # a sliding-window layer's window (query position p sees keys k with p - k < window)
+    softcap: float | None = None  # logit soft-capping (Gemma 2): each scaled score s -> softcap * tanh(s / softcap)
 
     name: ClassVar[str] = "torch"
 
@@ -57,4 +58,5 @@ class TorchPath:
     def _attend(self, query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None,
                 kv_cache: torch.Tensor, groups: list[RequestGroup], out: torch.Tensor) -> None:
         """Attention in the pages' domain."""
-        attend(query, key, value, groups, self.pages.reader(kv_cache), self.scale, out, window=self.window)
+        attend(query, key, value, groups, self.pages.reader(kv_cache), self.scale, out, window=self.window,
+               softcap=self.softcap)

@@ -46,6 +46,7 @@ class TritonPath:
     pages: Pages
     scale: float
     window: int | None = None  # a sliding-window layer's window (see ``AttentionPath``)
+    softcap: float | None = None  # logit soft-capping (see ``AttentionPath``)
 
     name: ClassVar[str] = "triton"
 
@@ -71,7 +72,8 @@ class TritonPath:
             n = plan.num_reqs
             decode_attention(query[:n], kv_cache, plan.block_table, plan.seq_lens - 1, self.scale, fmt,
                              k_new=key[:n], v_new=value[:n], out=out[:n], max_seq_len=plan.max_seq_len,
-                             window=self.window)
+                             window=self.window, softcap=self.softcap)
             return
         prefill_attention(query, key, value, kv_cache, plan.block_table, plan.query_start_loc, plan.seq_lens,
-                          self.scale, fmt, out=out, max_query_len=plan.max_query_len, window=self.window)
+                          self.scale, fmt, out=out, max_query_len=plan.max_query_len, window=self.window,
+                          softcap=self.softcap)

@@ -46,6 +46,12 @@ MIN_DOT_ROWS = 16  # tl.dot needs M >= 16
 
 
 @triton.jit
+def _soft_cap(s, cap):
+    """``cap * tanh(s / cap)`` (logit soft-capping), in whatever units ``s`` and ``cap`` share (tl has no tanh)."""
+    return cap - 2.0 * cap / (tl.exp(2.0 * s / cap) + 1.0)
+
+
+@triton.jit
 def _split_kernel(
     q_ptr,  # float32 [S, Hq, D], rotated, contiguous
     cache_ptr,  # uint8 (E8) or bf16/fp16 (KV_BITS == 16) pages
@@ -57,12 +63,14 @@ def _split_kernel(
     part_acc_ptr,  # float32 [S, Hq, P, D]
     part_ml_ptr,  # float32 [S, Hq, P, 2]
     qk_scale,  # softmax scale * log2(e)
+    softcap,  # logit soft-capping * log2(e), with SOFTCAP
     k_step2, v_step2,
     num_parts, num_splits,
     GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr,  # tokens per page (block_size)
     KV_BITS: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     V_OFF: tl.constexpr, KS_OFF: tl.constexpr, VS_OFF: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -99,6 +107,8 @@ def _split_kernel(
             k = _decode_unit(tok, ok, e8p_ptr, res8_ptr, k_step2, K_BITS, D).to(tl.float16)
             v = _decode_unit(tok + V_OFF, ok, e8p_ptr, res8_ptr, v_step2, V_BITS, D).to(tl.float16)
             s = tl.dot(q, tl.trans(k)) * _load_fp16_scale(tok + KS_OFF, ok)[None, :]
+        if SOFTCAP:
+            s = _soft_cap(s, softcap)
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -156,6 +166,7 @@ def decode_attention(
     max_seq_len: int | None = None,
     block_n: int | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Decode attention of one query token per sequence over its paged KV cache.
 
@@ -176,6 +187,7 @@ def decode_attention(
       block_n: tokens per tile (default 32; power of two >= 16).
       window: a sliding-window layer's window: the query, at position ``seq_lens[s]``, sees the cached positions
         ``>= seq_lens[s] - window + 1`` only (the splits cover just those).
+      softcap: logit soft-capping: each scaled score s becomes ``softcap * tanh(s / softcap)``.
     Returns ``out`` (``[num_seqs, Hq, D]``, dtype of ``q`` if ``out`` is None).
     """
     num_seqs, num_q_heads, head_dim = q.shape
@@ -196,18 +208,19 @@ def decode_attention(
     part_acc = torch.empty(num_seqs, num_q_heads, num_parts, head_dim, dtype=torch.float32, device=device)
     part_ml = torch.empty(num_seqs, num_q_heads, num_parts, 2, dtype=torch.float32, device=device)
     if k_new is not None:
-        _raw_token_partial(q_rot, k_new, v_new, rot, rotated, scale, group, part_acc[:, :, -1], part_ml[:, :, -1])
+        _raw_token_partial(q_rot, k_new, v_new, rot, rotated, scale, softcap, group, part_acc[:, :, -1],
+                           part_ml[:, :, -1])
     k_bits, v_bits = (fmt.k_bits, fmt.v_bits) if fmt is not None else (2, 2)
     _split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q_rot.contiguous(), kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         block_table, block_table.stride(0), seq_lens, window or 0,
         e8p_packed_table(device), res8_flat_table(device),
-        part_acc, part_ml, scale * LOG2E, stage2_step(k_bits), stage2_step(v_bits),
+        part_acc, part_ml, scale * LOG2E, (softcap or 1.0) * LOG2E, stage2_step(k_bits), stage2_step(v_bits),
         num_parts, num_splits,
         GROUP_SIZE=group, BLOCK_G=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), D=head_dim, BLOCK_N=block_n,
         PAGE=page, KV_BITS=16 if fmt is None else 0, K_BITS=k_bits, V_BITS=v_bits,
         V_OFF=fmt.k_code_bytes if fmt else 0, KS_OFF=fmt.k_scale_offset if fmt else 0,
-        VS_OFF=fmt.v_scale_offset if fmt else 0, **launch.decode(head_dim).kwargs(),
+        VS_OFF=fmt.v_scale_offset if fmt else 0, SOFTCAP=softcap is not None, **launch.decode(head_dim).kwargs(),
     )
     out_rot = torch.empty(num_seqs, num_q_heads, head_dim, dtype=torch.float32, device=device)
     _combine_kernel[(num_seqs * num_q_heads,)](
@@ -220,12 +233,15 @@ def decode_attention(
     return out
 
 
-def _raw_token_partial(q_rot, k_new, v_new, rot, rotated, scale, group, acc, ml) -> None:
+def _raw_token_partial(q_rot, k_new, v_new, rot, rotated, scale, softcap, group, acc, ml) -> None:
     """The current token's raw K/V as one more split partial: m = score (base 2), l = 1, acc = v."""
     k = k_new.float() if rotated else k_new.float() @ rot
     v = v_new.float() if rotated else v_new.float() @ rot
     k = k.repeat_interleave(group, dim=1)
-    ml[..., 0] = (q_rot * k).sum(-1) * (scale * LOG2E)
+    score = (q_rot * k).sum(-1) * scale
+    if softcap is not None:
+        score = softcap * torch.tanh(score / softcap)
+    ml[..., 0] = score * LOG2E
     ml[..., 1] = 1.0
     acc.copy_(v.repeat_interleave(group, dim=1))
 

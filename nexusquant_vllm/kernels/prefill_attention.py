@@ -38,7 +38,7 @@ import triton.language as tl
 from nexusquant_vllm.codec.format import KVFormat
 from nexusquant_vllm.codec.rotation import rotation_matrix
 from nexusquant_vllm.kernels import launch
-from nexusquant_vllm.kernels.decode_attention import LOG2E, MIN_DOT_ROWS, NULL_BLOCK
+from nexusquant_vllm.kernels.decode_attention import LOG2E, MIN_DOT_ROWS, NULL_BLOCK, _soft_cap
 from nexusquant_vllm.kernels.e8_decode import _decode_unit, _load_fp16_scale, check_paged_inputs
 from nexusquant_vllm.kernels.tables import e8p_packed_table, res8_flat_table, stage2_step
 
@@ -74,12 +74,13 @@ def _prefill_kernel(
     window,  # sliding window (query position p sees key positions k with p - k < window); used with WINDOWED
     e8p_ptr, res8_ptr,
     qk_scale,  # softmax scale * log2(e)
+    softcap,  # logit soft-capping * log2(e), with SOFTCAP
     k_step2, v_step2,
     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr,  # tokens per page (block_size)
     KV_BITS: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     V_OFF: tl.constexpr, KS_OFF: tl.constexpr, VS_OFF: tl.constexpr,
-    WINDOWED: tl.constexpr,
+    WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     Q_PER_TILE: tl.constexpr = BLOCK_M // GROUP_SIZE
     tile = tl.program_id(0)
@@ -123,12 +124,17 @@ def _prefill_kernel(
         if KV_BITS == 16:
             k = tl.load(tok[:, None] + dims[None, :], mask=ok[:, None], other=0.0).to(tl.float16)
             v = tl.load(tok[:, None] + D + dims[None, :], mask=ok[:, None], other=0.0).to(tl.float16)
-            s = tl.where(seen, tl.dot(q, tl.trans(k)), float("-inf"))
+            s = tl.dot(q, tl.trans(k))
+            if SOFTCAP:
+                s = _soft_cap(s, softcap)
+            s = tl.where(seen, s, float("-inf"))
             m_i, l_i, acc = _softmax_step(s, v, 1.0, m_i, l_i, acc, False)
         else:
             k = _decode_unit(tok, ok, e8p_ptr, res8_ptr, k_step2, K_BITS, D).to(tl.float16)
             v = _decode_unit(tok + V_OFF, ok, e8p_ptr, res8_ptr, v_step2, V_BITS, D).to(tl.float16)
             s = tl.dot(q, tl.trans(k)) * _load_fp16_scale(tok + KS_OFF, ok)[None, :]
+            if SOFTCAP:
+                s = _soft_cap(s, softcap)
             s = tl.where(seen, s, float("-inf"))
             m_i, l_i, acc = _softmax_step(s, v, _load_fp16_scale(tok + VS_OFF, ok), m_i, l_i, acc, True)
 
@@ -149,7 +155,10 @@ def _prefill_kernel(
         causal = j_ok[None, :] & (j[None, :] <= qi[:, None])
         if WINDOWED:
             causal = causal & (qi[:, None] - j[None, :] < window)
-        s = tl.where(causal, tl.dot(q, tl.trans(k)), float("-inf"))
+        s = tl.dot(q, tl.trans(k))
+        if SOFTCAP:
+            s = _soft_cap(s, softcap)
+        s = tl.where(causal, s, float("-inf"))
         m_i, l_i, acc = _softmax_step(s, v, 1.0, m_i, l_i, acc, False)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -173,6 +182,7 @@ def prefill_attention(
     block_m: int | None = None,
     block_n: int | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of a varlen batch of new query tokens over their requests' cached pages plus their own raw K/V.
 
@@ -193,6 +203,7 @@ def prefill_attention(
       block_n: context and new tokens per tile (default ``launch.prefill``; power of two >= 16).
       window: a sliding-window layer's window: the query at position p sees the key positions k with
         ``p - k < window`` only (a tile's loops start at its first row's window).
+      softcap: logit soft-capping: each scaled score s becomes ``softcap * tanh(s / softcap)``.
     Returns ``out`` (``[T, Hq, D]``, dtype of ``query`` if ``out`` is None).
     """
     num_tokens, num_q_heads, head_dim = query.shape
@@ -223,11 +234,12 @@ def prefill_attention(
         kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         block_table, block_table.stride(0), query_start_loc, seq_lens, window or 0,
         e8p_packed_table(device), res8_flat_table(device),
-        scale * LOG2E, stage2_step(k_bits), stage2_step(v_bits),
+        scale * LOG2E, (softcap or 1.0) * LOG2E, stage2_step(k_bits), stage2_step(v_bits),
         GROUP_SIZE=group, BLOCK_M=block_m, D=head_dim, BLOCK_N=block_n,
         PAGE=page, KV_BITS=16 if fmt is None else 0, K_BITS=k_bits, V_BITS=v_bits,
         V_OFF=fmt.k_code_bytes if fmt else 0, KS_OFF=fmt.k_scale_offset if fmt else 0,
-        VS_OFF=fmt.v_scale_offset if fmt else 0, WINDOWED=window is not None, **params.kwargs(),
+        VS_OFF=fmt.v_scale_offset if fmt else 0, WINDOWED=window is not None, SOFTCAP=softcap is not None,
+        **params.kwargs(),
     )
     result = out_rot if rotated else out_rot @ rot.T
     if out is None:

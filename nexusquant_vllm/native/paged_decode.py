@@ -27,7 +27,8 @@ _I64, _INT, _FLOAT, _P = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_
 _COMMON = (
     _P, _P, _P, _P,  # q, k_new, v_new, cache
     _I64, _I64, _I64, _INT,  # block, head and token strides (bytes), block_size
-    _P, _I64, _P, _I64, _I64,  # block_table, its width, cached lengths, window (0: none), num_kv_heads
+    _P, _I64, _P, _I64, _FLOAT,  # block_table, its width, cached lengths, window (0: none), softcap (0: none)
+    _I64,  # num_kv_heads
     _INT, _INT, _FLOAT,  # gqa, head_dim, softmax scale
 )
 # bits, E8P patterns, parity, RES8, rotate; pairs, out, threads
@@ -72,6 +73,7 @@ def decode_attention(
     fmt: KVFormat | None = None,
     rotate: bool = False,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``query`` ``[R, Hq, D]`` and the current token's raw ``key``/``value`` ``[R, Hk, D]``, in the pages' domain
     (rotated for E8 pages), attend over ``kv_cache`` ``[num_blocks, Hk, block_size, C]`` (any strides) through
@@ -81,8 +83,9 @@ def decode_attention(
     model's domain instead and so is the result (the kernel applies the codec's rotation and its inverse, which
     spares the caller three small matmuls per layer). ``fmt`` None: dense pages of ``[K | V]`` rows (``C = 2 * D``,
     float32, float16 or bfloat16). ``window``: a sliding-window layer's window; the query (at position ``cached_len``)
-    sees the cached positions ``>= cached_len - window + 1`` only."""
-    _check_decode(query, key, value, kv_cache, block_table, cached_len, fmt, window)
+    sees the cached positions ``>= cached_len - window + 1`` only. ``softcap``: logit soft-capping, each scaled score
+    s becomes ``softcap * tanh(s / softcap)``."""
+    _check_decode(query, key, value, kv_cache, block_table, cached_len, fmt, window, softcap)
     r, num_heads, d = query.shape
     num_kv_heads = key.shape[1]
     q, k, v = (t.to(torch.float32).contiguous() for t in (query, key, value))
@@ -91,7 +94,8 @@ def decode_attention(
     out = torch.empty(r, num_heads, d, dtype=torch.float32)
     item = kv_cache.element_size()
     common = (ptr(q), ptr(k), ptr(v), ptr(kv_cache), *(s * item for s in kv_cache.stride()[:3]), kv_cache.shape[2],
-              ptr(table), table.shape[1], ptr(cached), window or 0, num_kv_heads, num_heads // num_kv_heads, d, scale)
+              ptr(table), table.shape[1], ptr(cached), window or 0, softcap or 0.0,
+              num_kv_heads, num_heads // num_kv_heads, d, scale)
     if fmt is not None:
         kernel, extra = _e8_kernel(), (fmt.k_bits, fmt.v_bits, *(ptr(t) for t in _tables()), int(rotate))
     else:
@@ -102,8 +106,8 @@ def decode_attention(
 
 
 def _check_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                  block_table: torch.Tensor, cached_len: torch.Tensor, fmt: KVFormat | None, window: int | None
-                  ) -> None:
+                  block_table: torch.Tensor, cached_len: torch.Tensor, fmt: KVFormat | None, window: int | None,
+                  softcap: float | None) -> None:
     check_cpu(query=query, key=key, value=value, block_table=block_table, cached_len=cached_len)
     shapes = (query.shape, key.shape, value.shape)
     require(query.dim() == 3 and key.dim() == 3 and value.shape == key.shape,
@@ -121,6 +125,7 @@ def _check_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
     else:
         check_pages(kv_cache, num_kv_heads, 2 * d, DENSE_DTYPES)
     require(window is None or window > 0, lambda: f"window must be positive, got {window}")
+    require(softcap is None or softcap > 0, lambda: f"softcap must be positive, got {softcap}")
     require(block_table.dim() == 2 and block_table.shape[0] == r and cached_len.shape == (r,),
             lambda: f"block_table must be [{r}, W] and cached_len [{r}], got {tuple(block_table.shape)} and "
                     f"{tuple(cached_len.shape)}")

@@ -15,7 +15,8 @@ from the platform, the dtype and the plugin's configuration (``nexusquant_vllm.c
 this step's own raw K/V for the tokens being computed (first prefill chunk, continuation chunk, decode token) and the
 pages only for the earlier, cached positions; positions in vLLM's null block (id 0) are masked in every path.
 
-Sliding-window layers are served like the others, the window applied by every path (each layer's path holds its
+Sliding-window layers (and Gemma 2's logit soft-capping) are served like the others, the window (the cap) applied by
+every path (each layer's path holds its
 window: one KV-cache group can hold windowed and global layers when vLLM's hybrid allocator is off). vLLM frees the
 blocks that fall out of a window and leaves the null block in their place, which the paths mask anyway.
 
@@ -208,7 +209,6 @@ class NexusQuantImpl(AttentionImpl[NexusQuantMetadata]):
     ) -> None:
         unsupported = {
             "ALiBi": alibi_slopes is not None,
-            "logits soft-capping": bool(logits_soft_cap),
             "attention sinks": sinks is not None,
             f"attention type {attn_type!r}": attn_type != AttentionType.DECODER,
             "cross-layer KV sharing": kv_sharing_target_layer_name is not None,
@@ -227,7 +227,7 @@ class NexusQuantImpl(AttentionImpl[NexusQuantMetadata]):
         layer = LayerKind(kv_cache_dtype if coded else run_dtype(vllm_config), coded, head_size, num_heads,
                           num_kv_heads)
         path_cls = layer_path(current_platform.device_type, layer, vllm_config)
-        self.path: AttentionPath = path_cls(layer.pages(), self.scale, sliding_window)
+        self.path: AttentionPath = path_cls(layer.pages(), self.scale, sliding_window, logits_soft_cap or None)
         self.observer: LayerObserver | None = None  # set by the eviction connector's worker half
         logger.info_once("nexusquant: %s layers (%s) attend through the %s path", "E8" if coded else "protected",
                          kv_cache_dtype, path_cls.name)

@@ -103,10 +103,7 @@ def check_model(model_config) -> None:
         problems.append(f"model dtype {model_config.dtype} is not supported (use float16, bfloat16 or float32)")
     if getattr(model_config, "is_hybrid", False):
         problems.append("hybrid models (attention + Mamba/linear attention) are not supported")
-    text_config = model_config.hf_text_config
-    if getattr(text_config, "attn_logit_softcapping", None):
-        problems.append("attention logit soft-capping (Gemma 2) is not supported")
-    if getattr(text_config, "model_type", None) in SINK_MODEL_TYPES:
+    if getattr(model_config.hf_text_config, "model_type", None) in SINK_MODEL_TYPES:
         problems.append("attention sinks (GPT-OSS) are not supported")
     if problems:
         raise ValueError("nexusquant e8 KV cache cannot serve this model: " + "; ".join(problems)

@@ -10,10 +10,10 @@ from nexusquant_vllm.attention.paged import NULL_BLOCK_ID, attend, plan_groups
 H_KV, G, D, BS = 2, 3, 16, 4
 
 
-def _reference(q, k_ctx, v_ctx, k_new, v_new, ctx_keep, scale, window=None):
+def _reference(q, k_ctx, v_ctx, k_new, v_new, ctx_keep, scale, window=None, softcap=None):
     """One request: q [Q, Hq, D]; context [L, Hk, D] with keep-mask [L]; new tokens [Q, Hk, D], causal (None: the
     context alone; nothing to attend to gives zeros); ``window``: query i (position L + i) sees positions p with
-    L + i - p < window only."""
+    L + i - p < window only; ``softcap``: scores s -> softcap * tanh(s / softcap)."""
     outs = []
     length = k_ctx.shape[0]
     for i in range(q.shape[0]):
@@ -29,15 +29,18 @@ def _reference(q, k_ctx, v_ctx, k_new, v_new, ctx_keep, scale, window=None):
         k = k.repeat_interleave(G, dim=1)  # [L, Hq, D]
         v = v.repeat_interleave(G, dim=1)
         s = torch.einsum("hd,lhd->hl", q[i], k) * scale
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
         outs.append(torch.einsum("hl,lhd->hd", s.softmax(-1), v))
     return torch.stack(outs)
 
 
-@pytest.mark.parametrize("window", [None, 1, 3, 6], ids=["full", "window-1", "window-3", "window-6"])
+@pytest.mark.parametrize("window, softcap", [(None, None), (1, None), (3, None), (6, None), (None, 0.7), (3, 0.7)],
+                         ids=["full", "window-1", "window-3", "window-6", "softcap", "window-3-softcap"])
 @pytest.mark.parametrize("query_tile", [128, 2], ids=["one-tile", "tiles-of-2"])
 @pytest.mark.parametrize("raw_tokens", [True, False], ids=["with-raw-kv", "context-only"])
 @pytest.mark.parametrize("q_lens,cached_lens", [([1, 1, 1], [5, 0, 9]), ([3, 1, 6, 2], [0, 7, 4, 10])])
-def test_attend_matches_reference_with_null_block_holes(q_lens, cached_lens, raw_tokens, query_tile, window):
+def test_attend_matches_reference_with_null_block_holes(q_lens, cached_lens, raw_tokens, query_tile, window, softcap):
     torch.manual_seed(0)
     num_blocks = 40
     pages = torch.randn(num_blocks, H_KV, BS, 2 * D)
@@ -59,7 +62,7 @@ def test_attend_matches_reference_with_null_block_holes(q_lens, cached_lens, raw
         key = value = None
     out = torch.full((t, H_KV * G, D), float("nan"))
     attend(query, key, value, plan_groups(qsl, seq_lens, block_table, BS), DensePages(D).reader(pages), scale, out,
-           query_tile, window)
+           query_tile, window, softcap)
 
     for r, (c, ql) in enumerate(zip(cached_lens, q_lens)):
         s, e = int(qsl[r]), int(qsl[r + 1])
@@ -67,7 +70,7 @@ def test_attend_matches_reference_with_null_block_holes(q_lens, cached_lens, raw
         ctx = pages[block_table[r, :n_blk]].permute(0, 2, 1, 3).reshape(-1, H_KV, 2 * D)[:c]
         keep = (block_table[r, :n_blk] != NULL_BLOCK_ID).repeat_interleave(BS)[:c]
         new = (key[s:e], value[s:e]) if raw_tokens else (None, None)
-        ref = _reference(query[s:e], ctx[..., :D], ctx[..., D:], *new, keep, scale, window)
+        ref = _reference(query[s:e], ctx[..., :D], ctx[..., D:], *new, keep, scale, window, softcap)
         torch.testing.assert_close(out[s:e], ref, atol=1e-5, rtol=1e-5)
 
 

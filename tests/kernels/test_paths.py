@@ -54,15 +54,17 @@ def path_and_device(request):
     return TritonPath, request.getfixturevalue("device")
 
 
-@pytest.mark.parametrize("window", [None, 7, 24], ids=["full", "window-7", "window-24"])
+@pytest.mark.parametrize("window, softcap", [(None, None), (7, None), (24, None), (None, 1.5), (7, 1.5)],
+                         ids=["full", "window-7", "window-24", "softcap", "window-7-softcap"])
 @pytest.mark.parametrize("name", ["e8-k3v2", "e8-k4v4", None], ids=["e8-k3v2", "e8-k4v4", "dense"])
 @pytest.mark.parametrize("query_lens", [(1, 1, 1), (1, 5, 3)], ids=["decode", "mixed"])
-def test_every_path_matches_the_torch_path(name, query_lens, window, path_and_device):
-    """Sliding windows of less than a page and of more than one, over contexts of 1-4 pages with a hole."""
+def test_every_path_matches_the_torch_path(name, query_lens, window, softcap, path_and_device):
+    """Sliding windows of less than a page and of more than one, over contexts of 1-4 pages with a hole, and logit
+    soft-capping (Gemma 2)."""
     path_cls, device = path_and_device
     gen = torch.Generator().manual_seed(0)
     kind = LayerKind(name or "e8-k3v2", name is not None, D, HQ, HK)
-    reference, path = TorchPath(kind.pages(), SCALE, window), path_cls(kind.pages(), SCALE, window)
+    reference, path = (cls(kind.pages(), SCALE, window, softcap) for cls in (TorchPath, path_cls))
     seq_lens = torch.tensor([20, 61, 40])
     q_lens = torch.tensor(query_lens)
     cached = seq_lens - q_lens
