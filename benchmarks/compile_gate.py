@@ -56,6 +56,7 @@ class Case:
     group: int
     page: int
     window: int | None = None  # a sliding window (prefill: its own kernel variant)
+    softcap: float | None = None  # logit soft-capping (its own variant of both attention kernels)
 
 
 @dataclass
@@ -84,8 +85,8 @@ class Row:
 def cases(quick: bool) -> list[Case]:
     """The matrix: every wrapper x dtype x head_dim at GQA 4 and page 16 (the axes that size the tiles, hence the
     registers: GQA groups up to 16 share one padded tile and the page only enters index arithmetic), plus GQA 1 and
-    8 and page 32 for e8-k3v2 and bf16 at head_dim 128, and the sliding-window prefill for every dtype at head_dim
-    128 and e8-k3v2 and bf16 at every head_dim. ``quick``: head_dim 128 only."""
+    8 and page 32 for e8-k3v2 and bf16 at head_dim 128, and the sliding-window, soft-capped decode and prefill (Gemma
+    2) for every dtype at head_dim 128 and e8-k3v2 and bf16 at every head_dim. ``quick``: head_dim 128 only."""
     from nexusquant_vllm.codec.format import E8_DTYPES
 
     dtypes = (*E8_DTYPES, "bf16")
@@ -94,8 +95,8 @@ def cases(quick: bool) -> list[Case]:
     for d in ("e8-k3v2", "bf16"):
         out += [Case(kernel, d, 128, g, PAGES[0]) for kernel in KERNELS[1:] for g in GROUPS if g != 4]
         out += [Case(kernel, d, 128, 4, page) for kernel in KERNELS for page in PAGES[1:]]
-    out += [Case("prefill", d, h, 4, PAGES[0], window=64) for d, h in itertools.product(dtypes, dims)
-            if h == 128 or d in ("e8-k3v2", "bf16")]
+    out += [Case(kernel, d, h, 4, PAGES[0], window=64, softcap=50.0)
+            for kernel, d, h in itertools.product(KERNELS[1:], dtypes, dims) if h == 128 or d in ("e8-k3v2", "bf16")]
     return out
 
 
@@ -183,12 +184,12 @@ def launch_case(case: Case) -> None:
     block_table = torch.tensor([[1, 2, 3]], dtype=torch.int32)
     if case.kernel == "decode":
         decode_attention(torch.randn(1, hq, d), cache, block_table, torch.tensor([tokens], dtype=torch.int32),
-                         d ** -0.5, fmt, max_seq_len=tokens, window=case.window)
+                         d ** -0.5, fmt, max_seq_len=tokens, window=case.window, softcap=case.softcap)
         return
     starts = torch.tensor([0, tokens], dtype=torch.int32)
     prefill_attention(torch.randn(tokens, hq, d), k, v, cache, block_table, starts,
                       torch.tensor([2 * tokens], dtype=torch.int32), d ** -0.5, fmt, max_query_len=tokens,
-                      window=case.window)
+                      window=case.window, softcap=case.softcap)
 
 
 def capture_all(matrix: list[Case]) -> dict[tuple[int, str], tuple[Launch, list[str]]]:
@@ -199,7 +200,7 @@ def capture_all(matrix: list[Case]) -> dict[tuple[int, str], tuple[Launch, list[
             with capturing(arch) as captured:
                 launch_case(case)
             name = f"{case.kernel} {case.dtype} D={case.head_dim} G={case.group} page={case.page}" + (
-                f" window={case.window}" if case.window else "")
+                f" window={case.window} softcap={case.softcap}" if case.window else "")
             for launch in captured:
                 launches.setdefault((arch, launch.key), (launch, []))[1].append(name)
     return launches
