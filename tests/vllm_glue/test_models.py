@@ -27,7 +27,9 @@ register()
 # (k3v2 / k4v4); the bounds leave 1.5x. Random weights amplify any KV error (the later chunks read the earlier ones
 # from pages); SmolLM2 (real weights, head_dim 64) deviates 0.07 with k4v4 under the same kind of read-back
 # (tests/vllm_glue/test_parallel.py). With the sliding window ignored by the E8 path, gemma3 / mistral deviate
-# 0.683 / 1.178 (k4v4); with gemma2's soft-capping ignored, 1.04 / 1.03.
+# 0.683 / 1.178 (k4v4); with gemma2's soft-capping ignored, 1.04 / 1.03. With garbage pages (the store skipped, every
+# page zero) every family fails its bounds: llama3 0.934, qwen3 0.843, phi3 1.265, gemma3 0.505, mistral 0.765,
+# gemma2 0.503 (the margin is thin for k3v2 on llama3, mistral and phi3, whose random weights amplify 3-bit keys).
 BOUNDS = {
     ("llama3", "e8-k3v2"): 0.9, ("llama3", "e8-k4v4"): 0.42,
     ("qwen3", "e8-k3v2"): 0.43, ("qwen3", "e8-k4v4"): 0.16,
