@@ -98,7 +98,8 @@ def run(families: list[str]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| family | head_dim | dtype | capacity vs auto (format) | mean / max abs Δ logprob vs auto | prefix hit |",
+    lines = ["`python -m benchmarks.model_matrix` (tiny random-weight models; Δ logprob of the prompt's tokens)", "",
+             "| family | head_dim | dtype | capacity vs auto (format) | mean / max abs Δ logprob vs auto | prefix hit |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         fmt = "-" if r["format_ratio"] is None else f"{r['format_ratio']:.2f}x"
