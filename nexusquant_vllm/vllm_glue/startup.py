@@ -84,10 +84,9 @@ def only_sliding_windows(model_config) -> bool:
     return _windowed_layers(model_config) == {True}
 
 
-def protected_layers(vllm_config) -> list[int]:
+def protected_layers(config: NexusQuantConfig, model_config) -> list[int]:
     """The protected layers of an e8 run (``protect_layers`` of its configuration, resolved for this model)."""
-    model_config = vllm_config.model_config
-    return parse_protect_layers(run_config(vllm_config).protect_layers, model_config.hf_text_config.num_hidden_layers,
+    return parse_protect_layers(config.protect_layers, model_config.hf_text_config.num_hidden_layers,
                                 mixes_windows(model_config))
 
 
@@ -137,7 +136,7 @@ def after_engine_config(engine_args, vllm_config) -> None:
     if config.protect_format != "auto":
         return  # protected_layer_dtype gives those layers their e8 format
     cache_config.kv_cache_dtype_skip_layers = sorted(
-        set(cache_config.kv_cache_dtype_skip_layers) | {str(i) for i in protected_layers(vllm_config)}
+        set(cache_config.kv_cache_dtype_skip_layers) | {str(i) for i in protected_layers(config, vllm_config.model_config)}
     )
 
 
@@ -163,7 +162,7 @@ def layer_dtypes(vllm_config) -> list[str]:
     config = run_config(vllm_config)
     num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
     skipped = {int(s) for s in cache_config.kv_cache_dtype_skip_layers if s.isdigit()}
-    protected = set(protected_layers(vllm_config)) if config.protect_format != "auto" else set()
+    protected = set(protected_layers(config, vllm_config.model_config)) if config.protect_format != "auto" else set()
     return ["auto" if i in skipped else config.protect_format if i in protected else cache_config.cache_dtype
             for i in range(num_layers)]
 
