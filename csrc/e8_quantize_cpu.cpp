@@ -84,8 +84,8 @@ struct Target {
   float bound[kClasses];
 };
 
-NQ_INLINE void score_bounds(const Tables& tb, const float* u, Target& tg) {
-  float norm[2];
+// The target's signs and |t| per shift (what class_index and flip_at read); returns |t|^2 per shift in `norm`.
+NQ_INLINE void prepare_target(const float* u, Target& tg, float* norm) {
   for (int s = 0; s < 2; ++s) {
     norm[s] = 0.0f;
     int negatives = 0;
@@ -98,6 +98,11 @@ NQ_INLINE void score_bounds(const Tables& tb, const float* u, Target& tg) {
     }
     tg.odd[s] = negatives & 1;
   }
+}
+
+NQ_INLINE void score_bounds(const Tables& tb, const float* u, Target& tg) {
+  float norm[2];
+  prepare_target(u, tg, norm);
   // 8 patterns at a time (coordinate-major table), both shifts per load, twice the gains summed in registers over
   // the coordinates in order 0..7 (doubling is exact: the same bounds as doubling the sum)
   float twice_abs_t[2][kGroup];
@@ -116,9 +121,11 @@ NQ_INLINE void score_bounds(const Tables& tb, const float* u, Target& tg) {
 }
 
 NQ_INLINE v8f min8(v8f a, v8f b) { return a < b ? a : b; }
+NQ_INLINE v8i min8(v8i a, v8i b) { return a < b ? a : b; }
 
 // The smallest lane of v, in every lane.
-NQ_INLINE v8f lane_min(v8f m) {
+template <class V>
+NQ_INLINE V lane_min(V m) {
   m = min8(m, __builtin_shuffle(m, v8i{4, 5, 6, 7, 0, 1, 2, 3}));
   m = min8(m, __builtin_shuffle(m, v8i{2, 3, 0, 1, 6, 7, 4, 5}));
   return min8(m, __builtin_shuffle(m, v8i{1, 0, 3, 2, 5, 4, 7, 6}));
@@ -168,80 +175,90 @@ NQ_INLINE v8f decode_e8p(const Tables& tb, int32_t index) {
   return nq::e8p_point(tb.pattern[p], tb.parity[p], static_cast<uint32_t>(index));
 }
 
-// Nearest point of D8 (integer vectors with an even sum), rounding half to even like torch.round.
-// Only the sum's parity is needed: it is taken per coordinate, so a NaN, infinite or huge target (a NaN vector) never
-// converts an out-of-range float to int. Floats of magnitude >= 2^24 are even integers.
-NQ_INLINE void nearest_d8(const float* t, float* out) {
-  int parity = 0, worst = 0;
-  float worst_error = -1.0f;
-  for (int i = 0; i < kGroup; ++i) {
-    out[i] = std::rint(t[i]);
-    parity ^= std::fabs(out[i]) < 16777216.0f ? static_cast<int>(out[i]) & 1 : 0;
-    const float e = std::fabs(t[i] - out[i]);
-    if (e > worst_error) {
-      worst_error = e;
-      worst = i;
-    }
-  }
-  if (parity) out[worst] += t[worst] - out[worst] > 0.0f ? 1.0f : -1.0f;
+// Lane-wise round half to even (torch.round) by adding and subtracting 1.5 * 2^23: exact for |x| < 2^22. Larger
+// lanes (which unit-scale targets never have: |u_i| <= sqrt(d) / min(scale_c)) and NaN give other far-away or NaN
+// values, which lattice_e8p_index rejects, since no codeword lies there.
+NQ_INLINE v8f round_even(v8f x) { return (x + 12582912.0f) - 12582912.0f; }
+
+NQ_INLINE v8f abs8(v8f x) { return reinterpret_cast<v8f>(reinterpret_cast<v8i>(x) & 0x7FFFFFFF); }
+
+// Nearest point of D8 (integer vectors with an even sum) to t, rounding half to even; an odd sum moves the first
+// coordinate with the largest rounding error one step towards t. Only the lanes' parities are converted to int,
+// those of lanes that are NaN or large read as even.
+NQ_INLINE v8f nearest_d8(v8f t) {
+  const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  const v8f r = round_even(t);
+  const v8f e = abs8(t - r);
+  const v8i small = abs8(r) < 16777216.0f;  // false for NaN
+  const v8i odd_lane = (__builtin_convertvector(small ? r : v8f{}, v8i) & 1) != 0;
+  const v8f worst = -lane_min(-e);
+  const int at = __builtin_ctz(lane_mask(e == worst) | 0x100) & 7;
+  const v8i fix = (lane == at) & -static_cast<int>(__builtin_popcount(lane_mask(odd_lane)) & 1);
+  const v8f step = t - r > 0.0f ? v8f{} + 1.0f : v8f{} - 1.0f;
+  return fix ? r + step : r;
 }
 
-// Nearest point y of the lattice E8 + 1/4 (Conway-Sloane: the closer of D8 + 1/4 and D8 + 3/4). Returns whether y
-// lies in D8 + 3/4, i.e. y - 1/4 is half-integer.
-NQ_INLINE bool nearest_lattice(const float* u, float* y) {
-  float t[kGroup], shifted[kGroup], a[kGroup], b[kGroup];
-  for (int i = 0; i < kGroup; ++i) {
-    t[i] = u[i] - 0.25f;
-    shifted[i] = t[i] - 0.5f;
-  }
-  nearest_d8(t, a);
-  nearest_d8(shifted, b);
-  float da = 0.0f, db = 0.0f;
-  for (int i = 0; i < kGroup; ++i) {
-    b[i] += 0.5f;
-    da += (t[i] - a[i]) * (t[i] - a[i]);
-    db += (t[i] - b[i]) * (t[i] - b[i]);
-  }
-  const bool half = !(da <= db);
-  for (int i = 0; i < kGroup; ++i) y[i] = (half ? b[i] : a[i]) + 0.25f;
-  return half;
+// The sum of the lanes, in lane order.
+NQ_INLINE float lane_sum(v8f x) {
+  float sum = 0.0f;
+  for (int i = 0; i < kGroup; ++i) sum += x[i];
+  return sum;
 }
 
-// E8P index of the nearest lattice point, or -1 when that point is not an E8P codeword. E8P is a subset of the
-// lattice, so a codeword found here is the nearest codeword.
+// E8P index of the nearest point of the lattice E8 + 1/4 (Conway-Sloane: the closer of D8 + 1/4 and D8 + 3/4), or
+// -1 when that point is not an E8P codeword. E8P is a subset of the lattice, so a codeword found here is the nearest
+// codeword. The point minus its shift (+1/4 for D8 + 3/4, else -1/4) is a point `base` of D8^, whose absolute
+// values give the pattern through the base-4 key of |base| - 1/2.
 NQ_INLINE int32_t lattice_e8p_index(const float* u, const int64_t* lookup) {
-  float y[kGroup];
-  const bool plus = nearest_lattice(u, y);
-  // base = y - 1/4 (shift +1/4) when half-integer, else y + 1/4 (shift -1/4): a point of D8^.
-  int64_t key = 0, weight = 1;
-  int32_t signs = 0;
-  for (int i = 0; i < kGroup; ++i, weight *= 4) {
-    const float base = plus ? y[i] - 0.25f : y[i] + 0.25f;
-    const float level = std::rint(std::fabs(base) - 0.5f);
-    if (!(level >= 0.0f && level <= 3.0f)) return -1;  // also NaN: compared as a float, never cast out of range
-    const int digit = static_cast<int>(level);
-    key += digit * weight;
-    if (i < kGroup - 1 && base < 0.0f) signs |= 1 << (8 + i);
-  }
-  const int64_t pattern = lookup[key];
+  const v8f t = load8(u) - 0.25f;
+  const v8f a = nearest_d8(t);
+  const v8f b = nearest_d8(t - 0.5f) + 0.5f;
+  const bool half = !(lane_sum((t - a) * (t - a)) <= lane_sum((t - b) * (t - b)));
+  const v8f base = half ? b : a + 0.5f;
+  const v8f level = round_even(abs8(base) - 0.5f);
+  if (lane_mask((level >= 0.0f) & (level <= 3.0f)) != 0xFFu) return -1;  // also NaN
+  const v8f digit_weight = {1.0f, 4.0f, 16.0f, 64.0f, 256.0f, 1024.0f, 4096.0f, 16384.0f};
+  const int64_t pattern = lookup[static_cast<int>(lane_sum(level * digit_weight))];
   if (pattern < 0) return -1;
-  return static_cast<int32_t>(pattern) | signs | (plus ? 0 : 1 << 15);
+  const int32_t signs = static_cast<int32_t>(lane_mask(base < 0.0f) & 0x7Fu) << 8;
+  return static_cast<int32_t>(pattern) | signs | (half ? 0 : 1 << 15);
 }
 
-// First minimum of the exact distance over the 512 classes; a class whose bound is no smaller than the best exact
-// distance so far cannot beat it and is skipped.
-NQ_INLINE int exhaustive_class(const Tables& tb, const Target& tg) {
-  int best = 0;
-  float best_distance = exact_distance(tb, tg, 0);
-  for (int c = 1; c < kClasses; ++c) {
-    if (!(tg.bound[c] < best_distance)) continue;
-    const float d = exact_distance(tb, tg, c);
-    if (d < best_distance) {
-      best_distance = d;
-      best = c;
+// The nearest (shift, pattern) class by exact distance, the first in class order among equals: all 512 classes
+// scored in closed form, 8 patterns of both shifts at a time, branch-free. The float operations are those of
+// score_bounds and exact_distance (a gain doubled after summing is the sum of doubled terms), so are the distances.
+NQ_INLINE int nearest_class(const Tables& tb, const float* u, Target& tg) {
+  float norm[2];
+  prepare_target(u, tg, norm);
+  const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  const v8f inf = v8f{} + std::numeric_limits<float>::infinity();
+  v8f best[2] = {inf, inf};
+  v8i best_class[2] = {};
+  for (int p = 0; p < kPatterns; p += kGroup) {
+    v8f gain[2] = {}, smallest[2] = {inf, inf};
+    for (int i = 0; i < kGroup; ++i) {
+      const v8f column = load8(&tb.pattern_t[i][p]);
+      for (int s = 0; s < 2; ++s) {
+        const v8f w = column * tg.abs_t[s][i];
+        gain[s] += w;
+        smallest[s] = min8(smallest[s], w);
+      }
+    }
+    const v8f pattern_norm = load8(&tb.pattern_norm[p]);
+    const v8i parity = *reinterpret_cast<const nq::v8i_unaligned*>(&tb.parity[p]);
+    for (int s = 0; s < 2; ++s) {
+      const v8f bound = norm[s] + pattern_norm - (gain[s] + gain[s]);
+      const v8f exact = bound + (parity != static_cast<int>(tg.odd[s]) ? 4.0f * smallest[s] : v8f{});
+      const v8i better = exact < best[s];
+      best[s] = better ? exact : best[s];
+      best_class[s] = better ? lane + (s * kPatterns + p) : best_class[s];
     }
   }
-  return best;
+  const v8i second = best[1] < best[0];  // shift 1's classes come later: it wins only when strictly nearer
+  const v8f distance = second ? best[1] : best[0];
+  const v8i cls = second ? best_class[1] : best_class[0];
+  const v8i nearest = distance == lane_min(distance) ? cls : v8i{} + kClasses;
+  return lane_min(nearest)[0];
 }
 
 // Per 8-bit lane mask, the lanes that are set, in order (then zeros): a shuffle that left-packs them.
@@ -308,7 +325,7 @@ NQ_INLINE void smallest_bounds(const float* bound, int* top) {
   for (int r = 0; r < kRows; ++r) {
     v8f blocks[kGroup];
     for (int k = 0; k < kGroup; ++k) blocks[k] = load8(bound + (r * kGroup + k) * kGroup);
-    block_min[r] = left[r] = nq::reduce8(blocks, min8);
+    block_min[r] = left[r] = nq::reduce8(blocks, [](v8f a, v8f b) { return min8(a, b); });
   }
   const v8f removed = v8f{} + std::numeric_limits<float>::infinity();
   for (int k = 0; k < kTopK; ++k) {
@@ -351,17 +368,14 @@ NQ_INLINE void e8p_candidates(const Tables& tb, const float* u, int beam, Target
     exact[j] = d;
   }
   for (int b = 0; b < beam; ++b) out[b] = class_index(tb, tg, order[b]);
-  if (tg.bound[top[kTopK]] < exact[0]) out[0] = class_index(tb, tg, exhaustive_class(tb, tg));
+  if (tg.bound[top[kTopK]] < exact[0]) out[0] = class_index(tb, tg, nearest_class(tb, u, tg));
 }
 
-// Exact nearest E8P codeword: the lattice point when it is a codeword, else the certified bounded search (the
-// first of e8p_candidates, as the torch path's e8p_encode does).
+// Exact nearest E8P codeword: the lattice point when it is a codeword, else the nearest class with the target's
+// signs (the torch path's e8p_encode gets the same point through its certified bounded search).
 NQ_INLINE int32_t nearest_e8p(const Tables& tb, const float* u, Target& tg) {
   const int32_t fast = lattice_e8p_index(u, tb.lookup);
-  if (fast >= 0) return fast;
-  int32_t nearest;
-  e8p_candidates(tb, u, 1, tg, &nearest);
-  return nearest;
+  return fast >= 0 ? fast : class_index(tb, tg, nearest_class(tb, u, tg));
 }
 
 NQ_INLINE uint64_t point_key(const uint8_t* code, const int* position) {
