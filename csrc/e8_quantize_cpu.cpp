@@ -205,16 +205,22 @@ NQ_INLINE float lane_sum(v8f x) {
   return sum;
 }
 
-// E8P index of the nearest point of the lattice E8 + 1/4 (Conway-Sloane: the closer of D8 + 1/4 and D8 + 3/4), or
-// -1 when that point is not an E8P codeword. E8P is a subset of the lattice, so a codeword found here is the nearest
-// codeword. The point minus its shift (+1/4 for D8 + 3/4, else -1/4) is a point `base` of D8^, whose absolute
-// values give the pattern through the base-4 key of |base| - 1/2.
-NQ_INLINE int32_t lattice_e8p_index(const float* u, const int64_t* lookup) {
-  const v8f t = load8(u) - 0.25f;
+// The nearest point of the lattice E8 + 1/4 to u (Conway-Sloane: the closer of D8 + 1/4 and D8 + 3/4), as the
+// point of D8^ it is shifted from: y = base + 1/4 when `half` (y in D8 + 3/4), else y = base - 1/4.
+NQ_INLINE v8f nearest_lattice(v8f u, bool& half) {
+  const v8f t = u - 0.25f;
   const v8f a = nearest_d8(t);
   const v8f b = nearest_d8(t - 0.5f) + 0.5f;
-  const bool half = !(lane_sum((t - a) * (t - a)) <= lane_sum((t - b) * (t - b)));
-  const v8f base = half ? b : a + 0.5f;
+  half = !(lane_sum((t - a) * (t - a)) <= lane_sum((t - b) * (t - b)));
+  return half ? b : a + 0.5f;
+}
+
+// E8P index of the nearest lattice point to u, or -1 when that point is not an E8P codeword. E8P is a subset of
+// the lattice, so a codeword found here is the nearest codeword. The pattern is looked up by the base-4 key of
+// |base| - 1/2.
+NQ_INLINE int32_t lattice_e8p_index(const float* u, const int64_t* lookup) {
+  bool half;
+  const v8f base = nearest_lattice(load8(u), half);
   const v8f level = round_even(abs8(base) - 0.5f);
   if (lane_mask((level >= 0.0f) & (level <= 3.0f)) != 0xFFu) return -1;  // also NaN
   const v8f digit_weight = {1.0f, 4.0f, 16.0f, 64.0f, 256.0f, 1024.0f, 4096.0f, 16384.0f};
