@@ -231,8 +231,8 @@ NQ_INLINE int32_t lattice_e8p_index(const float* u, const int64_t* lookup) {
 }
 
 // The nearest (shift, pattern) class by exact distance, the first in class order among equals: all 512 classes
-// scored in closed form, 8 patterns of both shifts at a time, branch-free. The float operations are those of
-// score_bounds and exact_distance (a gain doubled after summing is the sum of doubled terms), so are the distances.
+// scored in closed form, 8 patterns of both shifts at a time, branch-free. Its distances round exactly like
+// score_bounds' bound plus exact_distance's parity cost (doubling a sum of products equals summing doubled products).
 NQ_INLINE int nearest_class(const Tables& tb, const float* u, Target& tg) {
   float norm[2];
   prepare_target(u, tg, norm);
