@@ -37,11 +37,13 @@ def test_matches_reference(bits, head_dim):
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_edge_vectors_match_reference(bits):
-    """Zero vectors decode to zero; beyond fp16's range the scale saturates at 65504, as in the reference."""
-    x = torch.zeros(4, 64)
+    """Zero vectors decode to zero; beyond fp16's range the scale saturates at 65504, as in the reference; a spike
+    whose square underflows gets unit-scale targets far beyond the lattice decoder's exact rounding range."""
+    x = torch.zeros(5, 64)
     x[1] = 1e-20
     x[2] = torch.linspace(-1e6, 1e6, 64)
     x[3, 5] = 3.0  # one spike
+    x[4, 0] = 6e-23  # its square underflows: searched at the 1e-30 floor, a target of 6e7 > 2^22
     codes, scale = native.quantize(x, bits)
     ref_codes, ref_scale = quantizer.quantize(x, bits)
     assert torch.equal(scale, ref_scale)
