@@ -176,8 +176,9 @@ NQ_INLINE v8f decode_e8p(const Tables& tb, int32_t index) {
 }
 
 // Lane-wise round half to even (torch.round) by adding and subtracting 1.5 * 2^23: exact for |x| < 2^22. Larger
-// lanes (which unit-scale targets never have: |u_i| <= sqrt(d) / min(scale_c)) and NaN give other far-away or NaN
-// values, which lattice_e8p_index rejects, since no codeword lies there.
+// lanes (unit-scale targets have |u_i| <= sqrt(d) / min(scale_c), unless the vector's rms underflows to 0 and it is
+// searched at the kTiny floor) and NaN give other far-away or NaN values, which lattice_e8p_index rejects, since no
+// codeword lies there.
 NQ_INLINE v8f round_even(v8f x) { return (x + 12582912.0f) - 12582912.0f; }
 
 NQ_INLINE v8f abs8(v8f x) { return reinterpret_cast<v8f>(reinterpret_cast<v8i>(x) & 0x7FFFFFFF); }
