@@ -100,28 +100,41 @@ NQ_INLINE void prepare_target(const float* u, Target& tg, float* norm) {
   }
 }
 
-NQ_INLINE void score_bounds(const Tables& tb, const float* u, Target& tg) {
-  float norm[2];
-  prepare_target(u, tg, norm);
-  // 8 patterns at a time (coordinate-major table), both shifts per load, twice the gains summed in registers over
-  // the coordinates in order 0..7 (doubling is exact: the same bounds as doubling the sum)
-  float twice_abs_t[2][kGroup];
-  for (int s = 0; s < 2; ++s) {
-    for (int i = 0; i < kGroup; ++i) twice_abs_t[s][i] = 2.0f * tg.abs_t[s][i];
+NQ_INLINE v8f min8(v8f a, v8f b) { return a < b ? a : b; }
+NQ_INLINE v8i min8(v8i a, v8i b) { return a < b ? a : b; }
+
+// For the 8 patterns p..p+7 (coordinate-major table) and both shifts: the gains sum_i pattern_i * |t_i|, summed over
+// the coordinates in order 0..7, and with kSmallest their smallest term (the parity fix's cost, halved twice).
+template <bool kSmallest>
+NQ_INLINE void pattern_gains(const Tables& tb, const float (&abs_t)[2][kGroup], int p, v8f* gain, v8f* smallest) {
+  for (int s = 0; s < 2; ++s) gain[s] = v8f{};
+  if (kSmallest) {
+    for (int s = 0; s < 2; ++s) smallest[s] = v8f{} + std::numeric_limits<float>::infinity();
   }
-  for (int p = 0; p < kPatterns; p += kGroup) {
-    v8f twice_gain[2] = {};
-    for (int i = 0; i < kGroup; ++i) {
-      const v8f column = load8(&tb.pattern_t[i][p]);
-      for (int s = 0; s < 2; ++s) twice_gain[s] += column * twice_abs_t[s][i];
+  for (int i = 0; i < kGroup; ++i) {
+    const v8f column = load8(&tb.pattern_t[i][p]);
+    for (int s = 0; s < 2; ++s) {
+      const v8f w = column * abs_t[s][i];
+      gain[s] += w;
+      if (kSmallest) smallest[s] = min8(smallest[s], w);
     }
-    const v8f pattern_norm = load8(&tb.pattern_norm[p]);
-    for (int s = 0; s < 2; ++s) nq::store8(&tg.bound[s * kPatterns + p], norm[s] + pattern_norm - twice_gain[s]);
   }
 }
 
-NQ_INLINE v8f min8(v8f a, v8f b) { return a < b ? a : b; }
-NQ_INLINE v8i min8(v8i a, v8i b) { return a < b ? a : b; }
+// Every class's bound |t|^2 + |pattern|^2 - 2 * gain (doubling is exact, so these are the distances nearest_class
+// computes before the parity cost).
+NQ_INLINE void score_bounds(const Tables& tb, const float* u, Target& tg) {
+  float norm[2];
+  prepare_target(u, tg, norm);
+  float abs_t[2][kGroup];  // a local copy: the stores to tg.bound would otherwise make every pass reload tg.abs_t
+  std::memcpy(abs_t, tg.abs_t, sizeof(abs_t));
+  for (int p = 0; p < kPatterns; p += kGroup) {
+    v8f gain[2];
+    pattern_gains<false>(tb, abs_t, p, gain, nullptr);
+    const v8f pattern_norm = load8(&tb.pattern_norm[p]);
+    for (int s = 0; s < 2; ++s) nq::store8(&tg.bound[s * kPatterns + p], norm[s] + pattern_norm - (gain[s] + gain[s]));
+  }
+}
 
 // The smallest lane of v, in every lane.
 template <class V>
@@ -233,7 +246,7 @@ NQ_INLINE int32_t lattice_e8p_index(const float* u, const int64_t* lookup) {
 
 // The nearest (shift, pattern) class by exact distance, the first in class order among equals: all 512 classes
 // scored in closed form, 8 patterns of both shifts at a time, branch-free. Its distances round exactly like
-// score_bounds' bound plus exact_distance's parity cost (doubling a sum of products equals summing doubled products).
+// score_bounds' bound plus exact_distance's parity cost.
 NQ_INLINE int nearest_class(const Tables& tb, const float* u, Target& tg) {
   float norm[2];
   prepare_target(u, tg, norm);
@@ -242,15 +255,8 @@ NQ_INLINE int nearest_class(const Tables& tb, const float* u, Target& tg) {
   v8f best[2] = {inf, inf};
   v8i best_class[2] = {};
   for (int p = 0; p < kPatterns; p += kGroup) {
-    v8f gain[2] = {}, smallest[2] = {inf, inf};
-    for (int i = 0; i < kGroup; ++i) {
-      const v8f column = load8(&tb.pattern_t[i][p]);
-      for (int s = 0; s < 2; ++s) {
-        const v8f w = column * tg.abs_t[s][i];
-        gain[s] += w;
-        smallest[s] = min8(smallest[s], w);
-      }
-    }
+    v8f gain[2], smallest[2];
+    pattern_gains<true>(tb, tg.abs_t, p, gain, smallest);
     const v8f pattern_norm = load8(&tb.pattern_norm[p]);
     const v8i parity = *reinterpret_cast<const nq::v8i_unaligned*>(&tb.parity[p]);
     for (int s = 0; s < 2; ++s) {
