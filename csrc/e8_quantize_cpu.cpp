@@ -104,7 +104,7 @@ NQ_INLINE v8f min8(v8f a, v8f b) { return a < b ? a : b; }
 NQ_INLINE v8i min8(v8i a, v8i b) { return a < b ? a : b; }
 
 // For the 8 patterns p..p+7 (coordinate-major table) and both shifts: the gains sum_i pattern_i * |t_i|, summed over
-// the coordinates in order 0..7, and with kSmallest their smallest term (the parity fix's cost, halved twice).
+// the coordinates in order 0..7, and with kSmallest their smallest term (a quarter of the parity fix's cost).
 template <bool kSmallest>
 NQ_INLINE void pattern_gains(const Tables& tb, const float (&abs_t)[2][kGroup], int p, v8f* gain, v8f* smallest) {
   for (int s = 0; s < 2; ++s) gain[s] = v8f{};
