@@ -1,8 +1,9 @@
 """External baseline for benchmarks/needle.py: do NVIDIA kvpress's presses keep split facts whole?
 
 The same fact prompts as ``python -m benchmarks.needle`` (``benchmarks.facts``: 7-digit numbers that SmolLM2 splits
-into one token per digit, codes, names, several numbers per haystack; same seeds, so the same texts and values) in
-HF transformers (float32, CPU, sdpa). Each prompt is prefilled whole inside ``press(model)``, which compresses every
+into one token per digit, codes, names, several numbers per haystack; the same texts and values for the same seed and
+``--kinds`` list, since each kind's seed offset follows its place in that list) in HF transformers (float32, CPU,
+sdpa; the vLLM runs serve the model in bf16). Each prompt is prefilled whole inside ``press(model)``, which compresses every
 layer's cache to (1 - rate) of its tokens, chosen per head (kvpress's own granularity), after that layer has
 attended over the whole prompt: the first answer token sees the full prompt, as it does when nexusquant evicts right
 after prefill, and the question is part of what the press scores. The answer is then decoded greedily over the
