@@ -1,9 +1,9 @@
 """External baseline for benchmarks/needle.py: do NVIDIA kvpress's presses keep split facts whole?
 
 The same fact prompts as ``python -m benchmarks.needle`` (``benchmarks.facts``: 7-digit numbers that SmolLM2 splits
-into one token per digit, codes, names, several numbers per haystack; the same texts and values for the same seed and
-``--kinds`` list, since each kind's seed offset follows its place in that list) in HF transformers (float32, CPU,
-sdpa; the vLLM runs serve the model in bf16). Each prompt is prefilled whole inside ``press(model)``, which compresses every
+into one token per digit, codes, names, several numbers per haystack; the same texts and values for the same seed
+and ``--kinds`` list, since each kind's seed offset follows its place in that list) in HF transformers (float32,
+CPU, sdpa; the vLLM runs serve the model in bf16). Each prompt is prefilled whole inside ``press(model)``, which compresses every
 layer's cache to (1 - rate) of its tokens, chosen per head (kvpress's own granularity), after that layer has
 attended over the whole prompt: the first answer token sees the full prompt, as it does when nexusquant evicts right
 after prefill, and the question is part of what the press scores. The answer is then decoded greedily over the
@@ -25,7 +25,7 @@ import time
 import torch
 
 from benchmarks.eviction_kvpress import PRESSES, make_press
-from benchmarks.needle import answer_tokens, build_prompts, rows_for
+from benchmarks.needle import answer_tokens, build_prompts, plot, rows_for
 
 
 def greedy_answer(model, tokenizer, prompt: str, press, max_new: int) -> str:
@@ -59,32 +59,6 @@ def found_at(model, tokenizer, press: str | None, rate: float, prompts: dict, pr
             hits.append(trial.found(text))
             progress.update()
     return found
-
-
-def plot(rows: list[dict], path) -> None:
-    """Recall against the eviction rate, one panel per kind, one line per press and prompt length."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kinds = list(dict.fromkeys(r["kind"] for r in rows))
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 4.2), squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        mine = [r for r in rows if r["kind"] == kind]
-        for press, length in dict.fromkeys((r["config"], r["prompt_tokens"]) for r in mine):
-            line = [r for r in mine if r["config"] == press and r["prompt_tokens"] == length]
-            ax.plot([100 * r["rate"] for r in line], [100 * r["recall"] for r in line], "o-",
-                    label=f"{press}, {length} tokens")
-        ax.set_xlabel("tokens evicted (%)")
-        ax.set_ylabel("facts recalled (%)")
-        ax.set_ylim(0, 105)
-        ax.set_title(kind, fontsize=9)
-        ax.legend(fontsize=7)
-    fig.suptitle("kvpress on SmolLM2-135M (HF transformers, float32, CPU): facts recalled per press and rate",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -132,7 +106,8 @@ def main() -> None:
     payload = {"model": "SmolLM2-135M-Instruct", "model_dtype": "float32", "seed": args.seed, "rows": rows,
                "wall_s": {name: run["wall_s"] for name, run in runs.items()}}
     write_results(args.name, payload, "\n".join(table))
-    plot(rows, RESULTS_DIR / f"{args.name}.png")
+    plot(rows, RESULTS_DIR / f"{args.name}.png", across="rate",
+         title="kvpress on SmolLM2-135M (HF transformers, float32, CPU): facts recalled per press and rate")
     print("\n".join(table))
 
 

@@ -98,28 +98,37 @@ def rows_for(configs: list[str], runs: dict, prompts: dict) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path) -> None:
+def plot(rows: list[dict], path, across: str = "prompt_tokens",
+         title: str = "SmolLM2-135M on vLLM (CPU): recall per KV-cache configuration and eviction rate") -> None:
+    """Recall, one panel per kind, against ``across`` (``prompt_tokens`` or ``rate``): a line per configuration and
+    value of the other one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    by_length = across == "prompt_tokens"
+    other = "rate" if by_length else "prompt_tokens"
     kinds = list(dict.fromkeys(r["kind"] for r in rows))
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 4.2), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         mine = [r for r in rows if r["kind"] == kind]
-        for config, rate in dict.fromkeys((r["config"], r["rate"]) for r in mine):
-            line = [r for r in mine if r["config"] == config and r["rate"] == rate]
-            label = config + (f", evict {rate:.0%}" if rate else "")
-            ax.plot([r["prompt_tokens"] for r in line], [100 * r["recall"] for r in line], "o-" if rate else "s--",
-                    label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("prompt tokens")
+        for config, value in dict.fromkeys((r["config"], r[other]) for r in mine):
+            line = [r for r in mine if r["config"] == config and r[other] == value]
+            if by_length:
+                label = config + (f", evict {value:.0%}" if value else "")
+            else:
+                label = f"{config}, {value} tokens"
+            ax.plot([r[across] if by_length else 100 * r[across] for r in line], [100 * r["recall"] for r in line],
+                    "s--" if by_length and not value else "o-", label=label)
+        if by_length:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt tokens" if by_length else "tokens evicted (%)")
         ax.set_ylabel("facts recalled (%)")
         ax.set_ylim(0, 105)
         ax.set_title(kind, fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M on vLLM (CPU): recall per KV-cache configuration and eviction rate", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -35,24 +35,22 @@ def replay():
     rw.Replay.dtype, rw.Replay.step, rw.Replay.window, rw.Replay.parts = saved
 
 
-def test_a_window_over_every_token_is_exact_attention(replay):
+def _attend(replay, dtype, step=1, window=0, parts="kv"):
+    replay.dtype, replay.step, replay.window, replay.parts = dtype, step, window, parts
     module, query, key, value = _inputs()
-    replay.dtype = None
-    exact, _ = rw.replay_attention(module, query, key, value, None)
-    replay.dtype, replay.step, replay.window, replay.parts = "e8-k3v2", 1, 24, "kv"
-    full_window, _ = rw.replay_attention(module, query, key, value, None)
-    torch.testing.assert_close(full_window, exact, rtol=1e-5, atol=1e-5)
+    return rw.replay_attention(module, query, key, value, None)[0]
+
+
+def test_a_window_over_every_token_is_exact_attention(replay):
+    exact = _attend(replay, None)
+    torch.testing.assert_close(_attend(replay, "e8-k3v2", window=24), exact, rtol=1e-5, atol=1e-5)
+    _, query, key, value = _inputs()
     sdpa = torch.nn.functional.scaled_dot_product_attention(
         query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1), is_causal=True).transpose(1, 2)
     torch.testing.assert_close(exact, sdpa, rtol=1e-4, atol=1e-4)
 
 
 def test_quantized_reads_change_only_queries_that_read_the_cache(replay):
-    module, query, key, value = _inputs()
-    replay.dtype = None
-    exact, _ = rw.replay_attention(module, query, key, value, None)
-    replay.dtype, replay.step, replay.window, replay.parts = "e8-k3v2", 8, 0, "kv"
-    coded, _ = rw.replay_attention(module, query, key, value, None)
-    error = (coded - exact).abs().amax(dim=(0, 2, 3))  # per query position
+    error = (_attend(replay, "e8-k3v2", step=8) - _attend(replay, None)).abs().amax(dim=(0, 2, 3))  # per query
     assert error[:8].max() < 1e-5  # the first step reads nothing from the cache
     assert (error[8:] > 1e-3).all()
