@@ -75,7 +75,7 @@ def token_nll(model: str, item: str, chunks: list[list[int]], batch_tokens: int)
     return nll, wall, capacity
 
 
-def plot(rows: list[dict], path) -> None:
+def plot(rows: list[dict], path, batch_tokens: int) -> None:
     """Left: ΔPPL against vLLM's capacity. Right: mean ΔNLL against the position within the prefill chunk."""
     import matplotlib
 
@@ -96,7 +96,8 @@ def plot(rows: list[dict], path) -> None:
     ax.axhline(0, color="gray", lw=0.8)
     ax.set_xlabel("KV capacity vs auto (vLLM's blocks x block size in the same KV space)")
     ax.set_ylabel("ΔPPL vs auto (%), 95% bootstrap CI")
-    ax.set_title("SmolLM2-135M on vLLM (CPU), chunked prefill 256; configurations DTYPE@PROTECT@FORMAT", fontsize=8)
+    ax.set_title(f"SmolLM2-135M on vLLM (CPU), chunked prefill {batch_tokens}; configurations DTYPE@PROTECT@FORMAT",
+                 fontsize=8)
     ax.legend(fontsize=7, loc="upper left")
     by_offset.axhline(0, color="gray", lw=0.8)
     by_offset.set_xlabel("position within the prefill chunk (0: its nearest neighbours were all read from the cache)")
@@ -239,7 +240,7 @@ def report(args, rows: list[dict]) -> None:
             table += ["", f"| pair | {title} [95% CI] |", "|---|---|"]
             table += [f"| {r['config']} vs {r['vs']} | {pct(r)} |" for r in pairs]
     write_results(args.name, payload, "\n".join(table))
-    plot(rows, RESULTS_DIR / f"{args.name}.png")
+    plot(rows, RESULTS_DIR / f"{args.name}.png", args.batch_tokens)
     tqdm.write("\n".join(table))
 
 
