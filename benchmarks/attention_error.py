@@ -50,9 +50,10 @@ NUM_PROTECTED = 2  # first and last layers kept in bf16 by the backend (NEXUSQUA
 # ---- codecs -------------------------------------------------------------------------------------------------------
 
 
-def e8_roundtrip(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """E8 codec (torch reference) round trip in the original domain: rotate, code, decode, un-rotate."""
-    codes, scale = quantize(rotate(x), bits)
+def e8_roundtrip(x: torch.Tensor, bits: int, quantizer=quantize) -> torch.Tensor:
+    """E8 codec round trip in the original domain: rotate, code (``quantizer``: the torch reference, or the native
+    encoder, much faster), decode, un-rotate."""
+    codes, scale = quantizer(rotate(x), bits)
     return unrotate(dequantize(codes, scale, bits))
 
 

@@ -28,10 +28,9 @@ import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from benchmarks.attention_error import e8_roundtrip
 from benchmarks.common import corpus_token_chunks, paired_delta, smollm2_path, write_results
 from nexusquant_vllm.codec import get_format
-from nexusquant_vllm.codec.kv import decode_vectors_rotated, encode_vectors
-from nexusquant_vllm.codec.rotation import unrotate
 from nexusquant_vllm.native.e8_quantize import quantize as native_quantize
 
 RESULTS = Path(__file__).parent / "results"
@@ -49,12 +48,6 @@ class Replay:
     step: int = 1
     window: int = 0
     parts: str = "kv"  # which of K and V the window keeps raw
-
-
-def coded(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """``x`` ``[..., d]`` through the E8 codec and back (native encoder), float32."""
-    packed, scale = encode_vectors(x, bits, native_quantize)
-    return unrotate(decode_vectors_rotated(packed, scale, bits))
 
 
 def raw_masks(tokens: int, step: int, window: int, parts: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,8 +71,8 @@ def replay_attention(module, query, key, value, attention_mask, scaling=None, **
         probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
         return torch.matmul(probs, v).transpose(1, 2).contiguous(), None
     fmt = get_format(PROTECT_FORMAT if module.layer_idx in PROTECTED else Replay.dtype, key.shape[-1])
-    k_hat = coded(key, fmt.k_bits).repeat_interleave(n_rep, 1)
-    v_hat = coded(value, fmt.v_bits).repeat_interleave(n_rep, 1)
+    k_hat = e8_roundtrip(key, fmt.k_bits, native_quantize).repeat_interleave(n_rep, 1)
+    v_hat = e8_roundtrip(value, fmt.v_bits, native_quantize).repeat_interleave(n_rep, 1)
     raw_k, raw_v = raw_masks(tokens, Replay.step, Replay.window, Replay.parts)
     scores = torch.where(raw_k, scores, torch.matmul(query, k_hat.transpose(-1, -2)) * scaling)
     probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
